@@ -1,0 +1,60 @@
+"""Helpers shared by config files (imports nothing of ours but ml_collections)."""
+import ast
+
+import ml_collections
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+  """Parses 'key=value,key2=value2' (the part after ':' in --config=FILE:ARG) over typed defaults.
+
+  Values are Python literals where they parse (1, 0.5, True, 'B/16' without quotes works too).
+  """
+  result = ml_collections.ConfigDict(defaults)
+  for item in filter(None, (arg or '').split(',')):
+    key, sep, value = item.partition('=')
+    if not sep:
+      raise ValueError(f'config argument {item!r} is not key=value; e.g. --config=FILE:variant=B/16,runlocal=True')
+    if key not in defaults:
+      raise ValueError(f'config argument {key!r} is unknown; this config takes {sorted(defaults)}.')
+    try:
+      parsed = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      parsed = value
+    result[key] = type(defaults[key])(parsed) if defaults[key] is not None else parsed
+  return result
+
+
+def mesh(data: int = -1, fsdp: int = 1, tensor: int = 1) -> ml_collections.ConfigDict:
+  """Devices per mesh axis; -1 means all the rest."""
+  return ml_collections.ConfigDict({'data': data, 'fsdp': fsdp, 'tensor': tensor})
+
+
+def sharding_rules(**overrides) -> ml_collections.ConfigDict:
+  """Logical axis name -> mesh axes (None = replicated). FSDP shards weights over 'embed'; tensor
+  parallelism splits heads and the MLP hidden dimension."""
+  rules = {
+      'batch': ('data', 'fsdp'),
+      'length': None,
+      'act_embed': None,
+      'embed': 'fsdp',
+      'mlp': 'tensor',
+      'heads': 'tensor',
+      'head_dim': None,
+      'classes': None,
+      'layers': None,
+  }
+  rules.update(overrides)
+  return ml_collections.ConfigDict(rules)
+
+
+def adamw(weight_decay: float = 1e-4, grad_clip_norm: float | None = 1.0, **kw) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(
+      name='adamw', b1=0.9, b2=0.999, eps=1e-8, weight_decay=weight_decay,
+      # Decay matrices only: not biases, norm scales, embeddings of positions or the class token.
+      weight_decay_params=r'.*kernel', grad_clip_norm=grad_clip_norm, frozen_params=None,
+      ema_decay=None, ema_warmup=False) | kw)
+
+
+def schedule(base_learning_rate: float, warmup_steps: int, decay: str = 'cosine') -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(base_learning_rate=base_learning_rate, warmup_steps=warmup_steps,
+                                        decay=decay, end_learning_rate=0.0))

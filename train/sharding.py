@@ -1,0 +1,108 @@
+"""Device mesh, logical-axis rules and the shardings of parameters, optimizer state and batches."""
+from collections.abc import Mapping
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+import numpy as np
+
+MESH_AXES = ('data', 'fsdp', 'tensor')
+# The batch dimension is split over every axis that holds a different slice of the data.
+BATCH_AXES = ('data', 'fsdp')
+
+
+def mesh_shape(mesh_config: Mapping[str, int], num_devices: int) -> tuple[int, ...]:
+  """Resolves the per-axis device counts (-1 = all the rest) and checks they cover the devices."""
+  sizes = [int(mesh_config[name]) for name in MESH_AXES]
+  if sizes.count(-1) > 1:
+    raise ValueError(f'mesh {dict(zip(MESH_AXES, sizes))}: at most one axis may be -1 (all the rest).')
+  if any(s == 0 or s < -1 for s in sizes):
+    raise ValueError(f'mesh {dict(zip(MESH_AXES, sizes))}: axis sizes must be positive or -1.')
+  known = math.prod(s for s in sizes if s != -1)
+  if -1 in sizes:
+    if num_devices % known:
+      raise ValueError(f'mesh {dict(zip(MESH_AXES, sizes))}: the fixed axes ({known} devices) do not divide '
+                       f'the {num_devices} devices; set --config.mesh.* to divisors of {num_devices}.')
+    sizes[sizes.index(-1)] = num_devices // known
+  if math.prod(sizes) != num_devices:
+    raise ValueError(f'mesh data={sizes[0]} x fsdp={sizes[1]} x tensor={sizes[2]} = {math.prod(sizes)} devices, '
+                     f'but {num_devices} are available; set --config.mesh.* so the product is {num_devices} '
+                     '(-1 means all the rest).')
+  return tuple(sizes)
+
+
+def make_mesh(mesh_config: Mapping[str, int], devices=None) -> jax.sharding.Mesh:
+  devices = jax.devices() if devices is None else devices
+  shape = mesh_shape(mesh_config, len(devices))
+  # Auto axes: GSPMD propagates shardings from the annotated parameters and batch.
+  return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+
+
+def logical_rules(rules_config: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
+  """`sharding_rules` (logical name -> None | mesh axis | tuple of mesh axes) as flax's rule list."""
+  rules = []
+  for name, axes in dict(rules_config).items():
+    axes = tuple(axes) if isinstance(axes, (list, tuple)) else axes
+    for axis in (axes if isinstance(axes, tuple) else (axes,)):
+      if axis is not None and axis not in MESH_AXES:
+        raise ValueError(f'sharding_rules.{name} = {axes!r} names mesh axis {axis!r}; '
+                         f'use None or one of {MESH_AXES}.')
+    rules.append((name, axes))
+  return tuple(rules)
+
+
+def _logical_names(boxed_tree) -> set[str]:
+  names = set()
+  for leaf in jax.tree.leaves(boxed_tree, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned)):
+    if isinstance(leaf, nn.LogicallyPartitioned):
+      names.update(n for n in leaf.names if n is not None)
+  return names
+
+
+def param_shardings(boxed_abstract_params, mesh, rules):
+  """NamedShardings of the (unboxed) parameters from their logical axis names and the rules."""
+  missing = _logical_names(boxed_abstract_params) - {name for name, _ in rules}
+  if missing:
+    raise ValueError(f'parameters use logical axes {sorted(missing)} that have no entry in sharding_rules; '
+                     f'add e.g. --config.sharding_rules.{sorted(missing)[0]}=None (replicated).')
+  specs = nn.get_partition_spec(boxed_abstract_params)
+  shardings = nn.logical_to_mesh_sharding(specs, mesh, rules)
+  return shardings
+
+
+def _path_key(path) -> tuple[str, ...]:
+  return tuple(str(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k)))) for k in path)
+
+
+def like_params(tree, params_abstract, params_shardings, mesh):
+  """Shardings for a tree (e.g. optimizer state) whose leaves mirror parameters.
+
+  A leaf whose key path ends with a parameter's path and has its shape gets that parameter's sharding
+  (momenta, EMA copies); anything else (step counters, scalars) is replicated.
+  """
+  by_path = {}
+  for (path, sharding), leaf in zip(jax.tree_util.tree_leaves_with_path(params_shardings),
+                                    jax.tree.leaves(params_abstract)):
+    by_path[_path_key(path)] = (leaf.shape, sharding)
+  replicated = NamedSharding(mesh, P())
+
+  def pick(path, leaf):
+    key = _path_key(path)
+    for start in range(len(key)):
+      hit = by_path.get(key[start:])
+      if hit is not None and hit[0] == np.shape(leaf):
+        return hit[1]
+    return replicated
+
+  return jax.tree_util.tree_map_with_path(pick, tree)
+
+
+def batch_sharding(mesh) -> NamedSharding:
+  return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def global_batch(local_batch: Mapping[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
+  """Assembles each process's rows into one global array per key (the same code on one or many hosts)."""
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local_batch.items()}
