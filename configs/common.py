@@ -2,6 +2,7 @@
 import ast
 
 import ml_collections
+from ml_collections import config_dict
 
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
@@ -30,18 +31,19 @@ def mesh(data: int = -1, fsdp: int = 1, tensor: int = 1) -> ml_collections.Confi
 
 
 def sharding_rules(**overrides) -> ml_collections.ConfigDict:
-  """Logical axis name -> mesh axes (None = replicated). FSDP shards weights over 'embed'; tensor
-  parallelism splits heads and the MLP hidden dimension."""
+  """Logical axis name -> mesh axes, as strings so that any rule is a command-line override:
+  'fsdp' (one axis), 'data,fsdp' (several), '' (replicated). FSDP shards weights over 'embed';
+  tensor parallelism splits heads and the MLP hidden dimension."""
   rules = {
-      'batch': ('data', 'fsdp'),
-      'length': None,
-      'act_embed': None,
+      'batch': 'data,fsdp',
+      'length': '',
+      'act_embed': '',
       'embed': 'fsdp',
       'mlp': 'tensor',
       'heads': 'tensor',
-      'head_dim': None,
-      'classes': None,
-      'layers': None,
+      'head_dim': '',
+      'classes': '',
+      'layers': '',
   }
   rules.update(overrides)
   return ml_collections.ConfigDict(rules)
@@ -51,10 +53,15 @@ def adamw(weight_decay: float = 1e-4, grad_clip_norm: float | None = 1.0, **kw) 
   return ml_collections.ConfigDict(dict(
       name='adamw', b1=0.9, b2=0.999, eps=1e-8, weight_decay=weight_decay,
       # Decay matrices only: not biases, norm scales, embeddings of positions or the class token.
-      weight_decay_params=r'.*kernel', grad_clip_norm=grad_clip_norm, frozen_params=None,
-      ema_decay=None, ema_warmup=False) | kw)
+      weight_decay_params=r'.*kernel', grad_clip_norm=optional(float, grad_clip_norm),
+      frozen_params=optional(str), ema_decay=optional(float), ema_warmup=False) | kw)
 
 
 def schedule(base_learning_rate: float, warmup_steps: int, decay: str = 'cosine') -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(base_learning_rate=base_learning_rate, warmup_steps=warmup_steps,
                                         decay=decay, end_learning_rate=0.0))
+
+
+def optional(field_type, value=None):
+  """A field that may be None yet stays overridable from the command line (e.g. data_dir)."""
+  return config_dict.FieldReference(value, field_type=field_type)

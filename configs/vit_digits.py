@@ -21,7 +21,7 @@ def get_config(arg=None):
                  posemb='learn', pool_type='gap', dropout=0.0, dtype='float32', scan=False, remat=False)
   c.task = dict(name='classification', label_smoothing=0.0)
 
-  c.data = dict(name='digits', data_dir=None, train_split='train', eval_split='test',
+  c.data = dict(name='digits', data_dir=common.optional(str), train_split='train', eval_split='test',
                 pp_train='value_range(-1, 1)|keep("image", "label")',
                 pp_eval='value_range(-1, 1)|keep("image", "label")',
                 num_threads=2, prefetch=2)

@@ -6,7 +6,7 @@ run at start-up with one line on stderr saying what is wrong and what to do; exi
 import os
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Path to a config file, optionally with :ARGS.',
@@ -29,12 +29,16 @@ def _parse(argv):
     _fail('--config is required, e.g. --config=configs/vit_digits.py')
   if not _WORKDIR.value:
     _fail('--workdir is required: the directory for checkpoints and metrics (resumed if it has any).')
+  if not flags.FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)  # Library INFO chatter would drown the progress lines.
   return rest
 
 
 def main(argv):
   del argv
+  import tensorflow_datasets as tfds
   from train import loop  # After flag parsing, so --help is fast and errors come first.
+  tfds.disable_progress_bar()
   os.makedirs(_WORKDIR.value, exist_ok=True)
   try:
     loop.train(_CONFIG.value, _WORKDIR.value)

@@ -12,15 +12,14 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax.sharding import NamedSharding, PartitionSpec as P
 import ml_collections
 import numpy as np
-import optax
 
 from data import pipeline
 from train import checkpoint as checkpoint_lib
 from train import metrics as metrics_lib
-from train import optimizers, sharding, tasks
+from train import sharding, tasks
+from train import steps as steps_lib
 
 REQUIRED_FIELDS = ('model_name', 'model', 'task', 'batch_size', 'total_steps', 'seed', 'log_every_steps',
                    'eval_every_steps', 'checkpoint_every_steps', 'mesh', 'optimizer', 'schedule', 'data',
@@ -105,61 +104,16 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict
                                                    process_index=process_index, process_count=process_count)
   example = task.example_input(next(iter(eval_batches())))
 
-  init_key, step_key = jax.random.split(jax.random.key(config.seed))
-  use_ema = bool(config.optimizer.get('ema_decay'))
-  replicated = NamedSharding(mesh, P())
-  batch_sharding = sharding.batch_sharding(mesh)
   writer = metrics_lib.MetricWriter(workdir, enabled=process_index == 0)
   checkpointer = checkpoint_lib.Checkpointer(workdir, max_to_keep=config.get('checkpoints_to_keep', 3))
 
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    def init_params(rng):
-      return model.init({'params': rng, 'dropout': rng}, example, train=False)['params']
-
-    boxed = jax.eval_shape(init_params, init_key)
-    param_shardings = sharding.param_shardings(boxed, mesh, rules)
-    abstract_params = nn.unbox(boxed)
-    schedule = optimizers.make_schedule(config.schedule, config.total_steps)
-    tx = optimizers.make_optimizer(config.optimizer, schedule, abstract_params)
-
-    def init_state(rng):
-      params = nn.unbox(init_params(rng))
-      state = {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt_state': tx.init(params)}
-      if use_ema:
-        state['ema_params'] = params
-      return state
-
-    abstract_state = jax.eval_shape(init_state, init_key)
-    state_shardings = {'step': replicated, 'params': param_shardings,
-                       'opt_state': sharding.like_params(abstract_state['opt_state'], abstract_params,
-                                                         param_shardings, mesh)}
-    if use_ema:
-      state_shardings['ema_params'] = param_shardings
-
-    def train_step(state, batch):
-      step = state['step']
-      rng = jax.random.fold_in(step_key, step)
-      grad_fn = jax.value_and_grad(lambda p: task.loss(model, p, batch, rng, train=True), has_aux=True)
-      (loss, aux), grads = grad_fn(state['params'])
-      updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
-      params = optax.apply_updates(state['params'], updates)
-      new_state = {'step': step + 1, 'params': params, 'opt_state': opt_state}
-      if use_ema:
-        decay = optimizers.ema_decay_at(config.optimizer, step)
-        new_state['ema_params'] = optimizers.ema_update(state['ema_params'], params, decay)
-      metrics = {'train/loss': loss, 'train/learning_rate': schedule(step),
-                 'train/grad_norm': optax.global_norm(grads), 'train/param_norm': optax.global_norm(params), **aux}
-      return new_state, metrics
-
-    p_train_step = jax.jit(train_step, in_shardings=(state_shardings, batch_sharding),
-                           out_shardings=(state_shardings, replicated), donate_argnums=0)
-    p_eval_step = jax.jit(lambda params, batch: task.eval_sums(model, params, batch),
-                          in_shardings=(param_shardings, batch_sharding), out_shardings=replicated)
+    fns = steps_lib.build(config, mesh, rules, model, task, example)
 
     def evaluate(params) -> dict[str, float]:
       sums = None
       for local in eval_batches():
-        out = p_eval_step(params, sharding.global_batch(local, batch_sharding))
+        out = fns.eval(params, sharding.global_batch(local, fns.batch_sharding))
         sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
       sums = jax.tree.map(lambda x: float(np.asarray(x, np.float64)), jax.device_get(sums))
       if int(sums['count']) != num_eval:
@@ -168,10 +122,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict
 
     latest = checkpointer.latest_step()
     if latest is None:
-      state = jax.jit(init_state, out_shardings=state_shardings)(init_key)
+      state = fns.init(fns.init_key)
       meta = {'core_hours': 0.0}
     else:
-      target = checkpoint_lib.abstract_with_shardings(abstract_state, state_shardings)
+      target = checkpoint_lib.abstract_with_shardings(fns.abstract_state, fns.state_shardings)
       state, meta = checkpointer.restore(latest, target, train_iter)
       if process_index == 0:
         print(f'resumed from {checkpointer.directory} at step {latest}', flush=True)
@@ -202,35 +156,38 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict
       last_saved = at_step
 
     preempted = False
-    with _StopFlag() as stop:
-      while step < config.total_steps:
-        if stop.requested or checkpointer.reached_preemption(step):
-          if last_saved != step:
+    try:
+      with _StopFlag() as stop:
+        while step < config.total_steps:
+          if stop.requested or checkpointer.reached_preemption(step):
+            if last_saved != step:
+              save(step)
+            preempted = True
+            if process_index == 0:
+              print(f'preempted at step {step}: checkpoint saved; rerun the same command to resume.', flush=True)
+            break
+          batch = sharding.global_batch(next(train_iter), fns.batch_sharding)
+          state, step_metrics = fns.train(state, batch)
+          step += 1
+          pending.append((step, step_metrics))
+          is_last = step == config.total_steps
+          record = {}
+          if step % config.log_every_steps == 0 or is_last:
+            _, logged = check_finite()
+            perf = progress.update(step)
+            record.update(logged, **perf)
+            progress.line(step, logged['train/loss'], perf)
+          if config.eval_every_steps and (step % config.eval_every_steps == 0 or is_last):
+            eval_metrics = evaluate(state['ema_params'] if fns.uses_ema else state['params'])
+            record.update(eval_metrics)
+            if process_index == 0:
+              print(f'step {step} | ' + ' | '.join(f'{k} {v:.4f}' for k, v in eval_metrics.items()), flush=True)
+          if record:
+            writer.write(step, record)
+          if step % config.checkpoint_every_steps == 0 or is_last:
             save(step)
-          preempted = True
-          if process_index == 0:
-            print(f'preempted at step {step}: checkpoint saved; rerun the same command to resume.', flush=True)
-          break
-        batch = sharding.global_batch(next(train_iter), batch_sharding)
-        state, step_metrics = p_train_step(state, batch)
-        step += 1
-        pending.append((step, step_metrics))
-        is_last = step == config.total_steps
-        record = {}
-        if step % config.log_every_steps == 0 or is_last:
-          _, logged = check_finite()
-          perf = progress.update(step)
-          record.update(logged, **perf)
-          progress.line(step, logged['train/loss'], perf)
-        if config.eval_every_steps and (step % config.eval_every_steps == 0 or is_last):
-          eval_metrics = evaluate(state['ema_params'] if use_ema else state['params'])
-          record.update(eval_metrics)
-          if process_index == 0:
-            print(f'step {step} | ' + ' | '.join(f'{k} {v:.4f}' for k, v in eval_metrics.items()), flush=True)
-        if record:
-          writer.write(step, record)
-        if step % config.checkpoint_every_steps == 0 or is_last:
-          save(step)
-    checkpointer.wait()
-    checkpointer.close()
+    finally:
+      checkpointer.wait()  # Good checkpoints still in flight are completed, also on errors.
+      checkpointer.close()
+
   return {'step': step, 'preempted': preempted, 'eval': eval_metrics, 'state': state}

@@ -41,9 +41,15 @@ def make_mesh(mesh_config: Mapping[str, int], devices=None) -> jax.sharding.Mesh
 
 
 def logical_rules(rules_config: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
-  """`sharding_rules` (logical name -> None | mesh axis | tuple of mesh axes) as flax's rule list."""
+  """`sharding_rules` (logical name -> mesh axes) as flax's rule list.
+
+  Values are 'axis', 'axis1,axis2' or '' (replicated) in configs; None and tuples are accepted too.
+  """
   rules = []
   for name, axes in dict(rules_config).items():
+    if isinstance(axes, str):  # Config form: 'fsdp', 'data,fsdp', or '' for replicated.
+      axes = tuple(a.strip() for a in axes.split(',') if a.strip())
+      axes = axes[0] if len(axes) == 1 else (axes or None)
     axes = tuple(axes) if isinstance(axes, (list, tuple)) else axes
     for axis in (axes if isinstance(axes, tuple) else (axes,)):
       if axis is not None and axis not in MESH_AXES:

@@ -66,3 +66,8 @@ def test_param_axis_without_rule_is_one_clear_line():
   boxed = jax.eval_shape(_Tiny().init, jax.random.key(0), jnp.ones((1, 8)))['params']
   with pytest.raises(ValueError, match=r"logical axes \['mlp'\] that have no entry in sharding_rules"):
     sharding.param_shardings(boxed, mesh, sharding.logical_rules({'embed': 'fsdp'}))
+
+
+def test_rules_in_config_string_form():
+  assert sharding.logical_rules({'batch': 'data,fsdp', 'embed': 'fsdp', 'mlp': ''}) == (
+      ('batch', ('data', 'fsdp')), ('embed', 'fsdp'), ('mlp', None))

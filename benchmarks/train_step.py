@@ -1,0 +1,131 @@
+r"""Times the jitted train step of any config, optionally beside the same architecture in PyTorch.
+
+Prints examples/s (median over timed steps after compilation), the step's FLOPs from XLA's cost analysis,
+the achieved FLOP/s and its ratio to this machine's measured float32 matmul peak. With --reference it
+times a forward+backward+optimizer step of timm or HF transformers on the same batch in the same run.
+
+  python -m benchmarks.train_step --config=configs/vit_i1k.py --batch_size=4 --image_size=224 \
+      --reference=timm:vit_base_patch16_224
+"""
+import statistics
+import time
+
+from absl import app, flags
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from ml_collections import config_flags
+import numpy as np
+
+from train import loop, sharding, steps, tasks
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file to benchmark.', lock_config=False)
+_BATCH = flags.DEFINE_integer('batch_size', 4, 'Global batch size.')
+_IMAGE = flags.DEFINE_integer('image_size', 224, 'Square input resolution.')
+_CHANNELS = flags.DEFINE_integer('channels', 3, 'Input channels.')
+_STEPS = flags.DEFINE_integer('steps', 5, 'Timed steps (after one compile step).')
+_DEVICES = flags.DEFINE_integer('devices', 1, 'Devices to shard over (mesh data axis).')
+_REFERENCE = flags.DEFINE_string('reference', None, "timm:MODEL_NAME or 'hf_vit' (HF ViT of the config's shape).")
+
+
+def matmul_peak_flops(n: int = 2048, repeats: int = 10) -> float:
+  """float32 FLOP/s of a jitted n x n matmul on one device: the machine's practical peak."""
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+  f = jax.jit(lambda x: x @ x)
+  f(a).block_until_ready()
+  times = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    f(a).block_until_ready()
+    times.append(time.perf_counter() - t)
+  return 2 * n**3 / statistics.median(times)
+
+
+def synthetic_batch(batch_size, image_size, channels, num_classes):
+  rng = np.random.default_rng(0)
+  return {'image': rng.standard_normal((batch_size, image_size, image_size, channels), dtype=np.float32),
+          'label': rng.integers(0, num_classes, batch_size).astype(np.int32)}
+
+
+def time_jax(config, batch) -> tuple[float, float]:
+  devices = jax.devices()[:_DEVICES.value]
+  config.mesh.data, config.mesh.fsdp, config.mesh.tensor = len(devices), 1, 1
+  mesh = sharding.make_mesh(config.mesh, devices)
+  rules = sharding.logical_rules(config.sharding_rules)
+  model, task = loop.build_model(config), tasks.make_task(config.task)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    fns = steps.build(config, mesh, rules, model, task, task.example_input(batch))
+    state = fns.init(fns.init_key)
+    global_batch = sharding.global_batch(batch, fns.batch_sharding)
+    compiled = fns.train.lower(state, global_batch).compile()
+    cost = compiled.cost_analysis()
+    flops = float((cost[0] if isinstance(cost, (list, tuple)) else cost)['flops'])
+    state, metrics = compiled(state, global_batch)
+    jax.block_until_ready(metrics)
+    times = []
+    for _ in range(_STEPS.value):
+      t = time.perf_counter()
+      state, metrics = compiled(state, global_batch)
+      jax.block_until_ready(metrics)
+      times.append(time.perf_counter() - t)
+  return statistics.median(times), flops
+
+
+def time_reference(spec: str, config, batch) -> float:
+  import torch
+  torch.manual_seed(0)
+  if spec.startswith('timm:'):
+    import timm
+    net = timm.create_model(spec[5:], pretrained=False, num_classes=config.model.num_classes,
+                            img_size=_IMAGE.value, in_chans=_CHANNELS.value)
+  elif spec == 'hf_vit':
+    import transformers
+    m = loop.build_model(config)
+    net = transformers.ViTForImageClassification(transformers.ViTConfig(
+        hidden_size=m.width, num_hidden_layers=m.depth, num_attention_heads=m.num_heads,
+        intermediate_size=m.mlp_dim, patch_size=m.patch_size, image_size=_IMAGE.value,
+        num_channels=_CHANNELS.value, num_labels=config.model.num_classes, attn_implementation='eager'))
+  else:
+    raise app.UsageError(f'--reference={spec!r}: use timm:MODEL_NAME or hf_vit.')
+  net.train()
+  optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4)
+  images = torch.from_numpy(batch['image']).permute(0, 3, 1, 2).contiguous()
+  labels = torch.from_numpy(batch['label']).long()
+
+  def step():
+    optimizer.zero_grad(set_to_none=True)
+    out = net(images)
+    logits = out.logits if hasattr(out, 'logits') else out
+    torch.nn.functional.cross_entropy(logits, labels).backward()
+    optimizer.step()
+
+  step()
+  times = []
+  for _ in range(_STEPS.value):
+    t = time.perf_counter()
+    step()
+    times.append(time.perf_counter() - t)
+  return statistics.median(times)
+
+
+def main(argv):
+  del argv
+  config = _CONFIG.value
+  config.batch_size = config.eval_batch_size = _BATCH.value
+  config.model.dtype = config.model.get('dtype', 'float32')
+  batch = synthetic_batch(_BATCH.value, _IMAGE.value, _CHANNELS.value, config.model.num_classes)
+  peak = matmul_peak_flops()
+  seconds, flops = time_jax(config, batch)
+  print(f'device: {jax.devices()[0].device_kind} x{_DEVICES.value} | matmul peak {peak / 1e9:.1f} GFLOP/s (float32)')
+  print(f'jax   {config.model_name}: {seconds * 1e3:.1f} ms/step | {_BATCH.value / seconds:.2f} examples/s | '
+        f'{flops / 1e9:.2f} GFLOP/step (XLA) | {flops / seconds / 1e9:.1f} GFLOP/s | '
+        f'{100 * flops / seconds / peak:.1f}% of peak')
+  if _REFERENCE.value:
+    ref = time_reference(_REFERENCE.value, config, batch)
+    print(f'torch {_REFERENCE.value}: {ref * 1e3:.1f} ms/step | {_BATCH.value / ref:.2f} examples/s | '
+          f'{flops / ref / 1e9:.1f} GFLOP/s at the same FLOPs | jax/torch speed {ref / seconds:.2f}x')
+
+
+if __name__ == '__main__':
+  flags.mark_flag_as_required('config')
+  app.run(main)

@@ -1,0 +1,184 @@
+"""Input pipelines: TFDS ArrayRecord data sources fed through grain, without TensorFlow.
+
+Config (`ml_collections.ConfigDict` or plain dict) fields and defaults:
+  name         required; a TFDS name ('digits', 'mnist', 'imagenet2012:5.1.0', ...)
+  data_dir     None (TFDS default: $TFDS_DATA_DIR or ~/tensorflow_datasets)
+  train_split  'train'          eval_split  'test'   (TFDS split syntax, e.g. 'train[:90%]')
+  pp_train     ''               pp_eval     ''       (pp strings, see `image_ops`)
+  shuffle      True             (training only)
+  num_threads  4                prefetch    4        (grain ReadOptions; prefetch counts batches)
+
+Batches are dicts of numpy arrays with the local batch first: int64 -> int32, float64 -> float32,
+and `image` always float32. Training batches have no `mask`; eval batches carry `mask` (bool).
+"""
+from collections.abc import Callable, Iterator, Sequence
+import os
+
+import grain
+import numpy as np
+import tensorflow_datasets as tfds
+from tensorflow_datasets.core import file_adapters
+
+from . import digits
+from . import image_ops
+
+# Offline builders of this package, prepared on first use.
+OWN_BUILDERS = (digits.Digits.name,)
+
+_DEFAULTS = dict(data_dir=None, train_split='train', eval_split='test', pp_train='',
+                 pp_eval='', shuffle=True, num_threads=4, prefetch=4)
+
+
+def _cfg(config, key):
+  if key not in _DEFAULTS:
+    return config[key]
+  value = config.get(key, _DEFAULTS[key])
+  return _DEFAULTS[key] if value is None else value
+
+
+def _where(data_dir) -> str:
+  return data_dir or os.environ.get('TFDS_DATA_DIR') or '~/tensorflow_datasets'
+
+
+def _build_hint(name, data_dir) -> str:
+  return f'`tfds build {name} --data_dir={_where(data_dir)} --file_format=array_record`'
+
+
+def get_source(name: str, split: str, data_dir: str | None = None) -> Sequence[dict]:
+  """Random-access TFDS source (ArrayRecord) for `split` of `name`; own builders are prepared."""
+  try:
+    builder = tfds.builder(name, data_dir=data_dir)
+  except tfds.core.registered.DatasetNotFoundError:
+    raise FileNotFoundError(
+        f'TFDS dataset {name!r} not found: no registered builder and no prepared copy under '
+        f'{_where(data_dir)}; prepare it with {_build_hint(name, data_dir)}.') from None
+  if not builder.is_prepared():
+    if builder.name not in OWN_BUILDERS:
+      raise FileNotFoundError(
+          f'TFDS dataset {name!r} is not prepared: nothing at {builder.data_dir}; prepare it '
+          f'with {_build_hint(name, data_dir)}.')
+    # Processes sharing a data_dir should not race here: prepare it once before a multi-host run.
+    builder.download_and_prepare()
+  info = builder.info
+  if not info.available_file_formats() & file_adapters.FileFormat.with_random_access():
+    raise FileNotFoundError(
+        f'TFDS dataset {name!r} at {builder.data_dir} has no ArrayRecord files (it is stored as '
+        f'{info.file_format.value}); re-prepare it with {_build_hint(name, data_dir)}.')
+  names = [p.split('[')[0].strip() for p in split.split('+')] if isinstance(split, str) else []
+  unknown = [s for s in names if s not in info.splits]
+  if unknown:
+    raise ValueError(f'Unknown split {unknown[0]!r} of TFDS dataset {name!r}; available '
+                     f'splits: {", ".join(sorted(info.splits))}.')
+  return builder.as_data_source(split=split)
+
+
+def _local_batch_size(global_batch_size: int, process_count: int) -> int:
+  if global_batch_size <= 0 or global_batch_size % process_count:
+    raise ValueError(f'global_batch_size={global_batch_size} must be a positive multiple of '
+                     f'process_count={process_count}.')
+  return global_batch_size // process_count
+
+
+def _process_bounds(n: int, process_index: int, process_count: int) -> tuple[int, int]:
+  """Contiguous, disjoint [lo, hi) ranges covering range(n); sizes differ by at most one."""
+  if not 0 <= process_index < process_count:
+    raise ValueError(f'process_index={process_index} not in [0, process_count={process_count}).')
+  return n * process_index // process_count, n * (process_index + 1) // process_count
+
+
+def _finalize(example: dict) -> dict:
+  out = {}
+  for k, v in example.items():
+    v = np.asarray(v)
+    if k == 'image' or v.dtype == np.float64:
+      v = v.astype(np.float32)
+    elif v.dtype == np.int64:
+      v = v.astype(np.int32)
+    out[k] = v
+  return out
+
+
+class _Prepare:
+  """pp + dtype normalisation; a class (not a closure) so it pickles for grain worker processes."""
+
+  def __init__(self, pp: str):
+    self.pp = image_ops.Preprocess(pp)
+
+  def __call__(self, example, rng):
+    return _finalize(self.pp(example, rng))
+
+
+class _PrepareWithMask(_Prepare):
+  """Maps (record, is_real) to a preprocessed example with its `mask`."""
+
+  def __call__(self, item, rng):
+    record, is_real = item
+    return {**super().__call__(record, rng), 'mask': np.bool_(is_real)}
+
+
+def _read_options(config) -> grain.ReadOptions:
+  return grain.ReadOptions(num_threads=_cfg(config, 'num_threads'),
+                           prefetch_buffer_size=_cfg(config, 'prefetch'))
+
+
+def make_train_iter(data_config, *, global_batch_size: int, seed: int, process_index: int = 0,
+                    process_count: int = 1) -> grain.DatasetIterator:
+  """Infinite, checkpointable iterator of local training batches (this process's data slice).
+
+  Each epoch of the slice is reshuffled (grain folds the epoch into the shuffle seed) and every
+  example's augmentation RNG is derived from (seed, process_index, position in the stream), so
+  `get_state`/`set_state` (or grain.checkpoint.CheckpointSave/Restore) resume exactly. Batches may
+  span epoch boundaries.
+  """
+  batch_size = _local_batch_size(global_batch_size, process_count)
+  src = get_source(_cfg(data_config, 'name'), _cfg(data_config, 'train_split'),
+                   _cfg(data_config, 'data_dir'))
+  lo, hi = _process_bounds(len(src), process_index, process_count)
+  if hi == lo:
+    raise ValueError(f'Process {process_index} of {process_count} gets no training examples.')
+  shuffle_seed, pp_seed = (int(s) for s in np.random.SeedSequence(
+      [seed, process_index]).generate_state(2))
+  ds = grain.MapDataset.source(src)[lo:hi]
+  if _cfg(data_config, 'shuffle'):
+    ds = ds.shuffle(seed=shuffle_seed)
+  ds = ds.repeat().random_map(_Prepare(_cfg(data_config, 'pp_train')), seed=pp_seed)
+  ds = ds.batch(batch_size, drop_remainder=True)
+  return iter(ds.to_iter_dataset(_read_options(data_config)))
+
+
+class _PaddedSlice:
+  """Records [lo, hi) of `src` as (record, True), then (src[fill], False) up to `size`."""
+
+  def __init__(self, src, lo: int, hi: int, size: int):
+    self._src, self._lo, self._hi, self._size = src, lo, hi, size
+
+  def __len__(self) -> int:
+    return self._size
+
+  def __getitem__(self, i: int):
+    if self._lo + i < self._hi:
+      return self._src[self._lo + i], True
+    return self._src[min(self._lo, len(self._src) - 1)], False
+
+
+def make_eval_iter(data_config, *, global_batch_size: int, process_index: int = 0,
+                   process_count: int = 1) -> tuple[Callable[[], Iterator[dict]], int]:
+  """Returns (fn giving a fresh iterator of local eval batches, number of examples in the split).
+
+  Every example of the split appears exactly once over all processes with mask=True; each process
+  pads its slice with masked copies of a real example so that all processes yield the same number
+  of full batches.
+  """
+  batch_size = _local_batch_size(global_batch_size, process_count)
+  src = get_source(_cfg(data_config, 'name'), _cfg(data_config, 'eval_split'),
+                   _cfg(data_config, 'data_dir'))
+  n = len(src)
+  if n == 0:
+    raise ValueError(f'Eval split {_cfg(data_config, "eval_split")!r} is empty.')
+  lo, hi = _process_bounds(n, process_index, process_count)
+  largest_slice = -(-n // process_count)
+  num_batches = -(-largest_slice // batch_size)
+  ds = grain.MapDataset.source(_PaddedSlice(src, lo, hi, num_batches * batch_size))
+  ds = ds.random_map(_PrepareWithMask(_cfg(data_config, 'pp_eval')), seed=0)
+  ds = ds.batch(batch_size, drop_remainder=True).to_iter_dataset(_read_options(data_config))
+  return (lambda: iter(ds)), n

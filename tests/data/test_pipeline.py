@@ -1,0 +1,207 @@
+"""grain input pipelines over the digits dataset: sharding, determinism, resume, eval padding."""
+import itertools
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
+
+import ml_collections
+import numpy as np
+import pytest
+
+from data import pipeline
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+AUGMENT = 'random_crop(6)|resize(8)|flip_lr|value_range(-1, 1)|onehot(10)'
+
+
+def config(data_dir, **kw):
+  return ml_collections.ConfigDict(dict(name='digits', data_dir=data_dir, **kw))
+
+
+def take(it, n):
+  return [next(it) for _ in range(n)]
+
+
+def assert_same_batches(a, b):
+  assert len(a) == len(b)
+  for x, y in zip(a, b):
+    assert x.keys() == y.keys()
+    for k in x:
+      np.testing.assert_array_equal(x[k], y[k], err_msg=k)
+
+
+def ids(batches, image_to_index):
+  return [image_to_index(img) for b in batches for img in b['image']]
+
+
+def test_train_batches_have_expected_dtypes_and_shapes(digits_dir):
+  it = pipeline.make_train_iter(config(digits_dir, pp_train=AUGMENT), global_batch_size=16, seed=0)
+  b = next(it)
+  assert sorted(b) == ['image', 'label', 'labels']
+  assert b['image'].dtype == np.float32 and b['image'].shape == (16, 8, 8, 1)
+  assert b['label'].dtype == np.int32 and b['label'].shape == (16,)
+  assert b['labels'].dtype == np.float32 and b['labels'].shape == (16, 10)
+  np.testing.assert_array_equal(b['labels'].argmax(-1), b['label'])
+  assert -1 <= b['image'].min() and b['image'].max() <= 1
+
+
+def test_local_batch_is_global_over_process_count(digits_dir):
+  it = pipeline.make_train_iter(config(digits_dir), global_batch_size=12, seed=0,
+                                process_index=2, process_count=3)
+  assert next(it)['image'].shape[0] == 4
+  with pytest.raises(ValueError, match='multiple of process_count=3') as e:
+    pipeline.make_train_iter(config(digits_dir), global_batch_size=10, seed=0, process_count=3)
+  assert '\n' not in str(e.value)
+
+
+def test_process_slices_are_disjoint_and_cover_the_split(digits_dir, image_to_index):
+  per_process = []
+  for p in range(3):
+    it = pipeline.make_train_iter(config(digits_dir), global_batch_size=3, seed=0,
+                                  process_index=p, process_count=3)
+    per_process.append(ids(take(it, 479), image_to_index))  # 1437 / 3 = 479 examples each.
+  sets = [set(s) for s in per_process]
+  assert all(len(s) == 479 for s in sets)  # One full epoch of the slice, no repeats.
+  assert not (sets[0] & sets[1] or sets[0] & sets[2] or sets[1] & sets[2])
+  assert set().union(*sets) == {i for i in range(1797) if i % 5}
+
+
+def test_each_epoch_is_a_new_permutation_of_the_slice(digits_dir, image_to_index):
+  it = pipeline.make_train_iter(config(digits_dir), global_batch_size=300, seed=3,
+                                process_index=1, process_count=3)
+  stream = ids(take(it, 15), image_to_index)  # 1500 >= 3 epochs of the 479-example slice.
+  epochs = [stream[i * 479:(i + 1) * 479] for i in range(3)]
+  assert all(set(e) == set(epochs[0]) and len(set(e)) == 479 for e in epochs)
+  assert epochs[0] != epochs[1] and epochs[1] != epochs[2] and epochs[0] != epochs[2]
+
+
+def test_shuffle_false_keeps_source_order(digits_dir, image_to_index):
+  src = pipeline.get_source('digits', 'train', digits_dir)
+  it = pipeline.make_train_iter(config(digits_dir, shuffle=False), global_batch_size=10, seed=0)
+  want = [image_to_index(src[i]['image']) for i in range(30)]
+  assert ids(take(it, 3), image_to_index) == want
+
+
+def test_same_args_give_identical_batches_and_seed_matters(digits_dir):
+  cfg = config(digits_dir, pp_train=AUGMENT)
+  a = take(pipeline.make_train_iter(cfg, global_batch_size=32, seed=7), 5)
+  b = take(pipeline.make_train_iter(cfg.to_dict(), global_batch_size=32, seed=7), 5)
+  c = take(pipeline.make_train_iter(cfg, global_batch_size=32, seed=8), 5)
+  assert_same_batches(a, b)
+  assert not np.array_equal(a[0]['image'], c[0]['image'])
+
+
+def test_augmentation_differs_between_epochs(digits_dir, image_to_index):
+  # Without shuffling, position k of every epoch is the same example: its crop/flip must change.
+  cfg = config(digits_dir, shuffle=False, pp_train='random_crop(5)|resize(8)|flip_lr')
+  it = pipeline.make_train_iter(cfg, global_batch_size=1437, seed=0, process_count=3)
+  e0, e1 = take(it, 2)
+  np.testing.assert_array_equal(e0['label'], e1['label'])
+  assert np.mean(np.any(e0['image'] != e1['image'], axis=(1, 2, 3))) > 0.5
+
+
+@pytest.mark.parametrize('k', [3, 25])  # 25 * 64 > 1437: the resumed part crosses an epoch.
+def test_restoring_state_resumes_with_the_same_batches(digits_dir, k):
+  cfg = config(digits_dir, pp_train=AUGMENT, num_threads=2, prefetch=3)
+  it = pipeline.make_train_iter(cfg, global_batch_size=64, seed=1)
+  take(it, k)
+  state = it.get_state()
+  expected = take(it, 5)
+  fresh = pipeline.make_train_iter(cfg, global_batch_size=64, seed=1)
+  fresh.set_state(state)
+  assert_same_batches(take(fresh, 5), expected)
+
+
+def test_iterator_saves_and_restores_in_an_orbax_composite(digits_dir, tmp_path):
+  import grain  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  cfg = config(digits_dir, pp_train=AUGMENT)
+  it = pipeline.make_train_iter(cfg, global_batch_size=32, seed=5)
+  take(it, 4)
+  with ocp.CheckpointManager(tmp_path / 'ckpt') as mngr:
+    mngr.save(4, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(it)))
+    mngr.wait_until_finished()
+  expected = take(it, 3)
+  fresh = pipeline.make_train_iter(cfg, global_batch_size=32, seed=5)
+  with ocp.CheckpointManager(tmp_path / 'ckpt') as mngr:
+    restored = mngr.restore(4, args=ocp.args.Composite(
+        data=grain.checkpoint.CheckpointRestore(fresh)))
+  assert_same_batches(take(restored['data'], 3), expected)
+
+
+@pytest.mark.parametrize('global_batch_size,process_count,expected_num_batches', [
+    (7, 1, 52), (64, 1, 6), (42, 3, 9), (99, 3, 4), (35, 7, 11)])
+def test_eval_sees_every_example_exactly_once(digits_dir, image_to_index, global_batch_size,
+                                              process_count, expected_num_batches):
+  cfg = config(digits_dir, pp_eval='value_range(0, 1)')
+  local = global_batch_size // process_count
+  seen, num_batches = [], set()
+  for p in range(process_count):
+    make_batches, n = pipeline.make_eval_iter(cfg, global_batch_size=global_batch_size,
+                                              process_index=p, process_count=process_count)
+    assert n == 360
+    batches = list(make_batches())
+    assert all(b['mask'].dtype == bool and b['mask'].shape == (local,) for b in batches)
+    assert all(b['image'].shape == (local, 8, 8, 1) for b in batches)
+    assert_same_batches(list(make_batches()), batches)  # A fresh pass gives the same batches.
+    num_batches.add(len(batches))
+    seen += [image_to_index(np.rint(img * 255)) for b in batches for img in b['image'][b['mask']]]
+  assert num_batches == {expected_num_batches}  # The same on every process; no spare batch.
+  assert sorted(seen) == list(range(0, 1797, 5))
+
+
+def test_missing_dataset_raises_one_line_file_not_found(tmp_path):
+  with pytest.raises(FileNotFoundError) as e:
+    pipeline.get_source('mnist', 'train', str(tmp_path))  # Registered in TFDS, not prepared.
+  msg = str(e.value)
+  assert '\n' not in msg and str(tmp_path) in msg
+  assert f'tfds build mnist --data_dir={tmp_path} --file_format=array_record' in msg
+  with pytest.raises(FileNotFoundError) as e:
+    pipeline.get_source('no_such_dataset_xyz', 'train', str(tmp_path))
+  assert '\n' not in str(e.value) and 'no_such_dataset_xyz' in str(e.value)
+
+
+def test_unknown_split_raises_one_line_listing_splits(digits_dir):
+  with pytest.raises(ValueError) as e:
+    pipeline.get_source('digits', 'validation', digits_dir)
+  assert '\n' not in str(e.value) and "'validation'" in str(e.value)
+  assert 'available splits: test, train' in str(e.value)
+  assert len(pipeline.get_source('digits', 'train[:10]+test[-5:]', digits_dir)) == 15
+
+
+def test_unknown_pp_op_fails_when_building_the_pipeline(digits_dir):
+  with pytest.raises(ValueError, match="Unknown pp op 'no_such_op'") as e:
+    pipeline.make_train_iter(config(digits_dir, pp_train='flip_lr|no_such_op(3)'),
+                             global_batch_size=8, seed=0)
+  assert '\n' not in str(e.value)
+
+
+def test_pipeline_never_imports_tensorflow(tmp_path):
+  # A stand-in `tensorflow` that is importable but records any import: the pipeline (building the
+  # dataset included) must not import TensorFlow even where it is installed.
+  fake = tmp_path / 'fake' / 'tensorflow'
+  fake.mkdir(parents=True)
+  marker = tmp_path / 'imported'
+  (fake / '__init__.py').write_text(
+      f'open({str(marker)!r}, "w").close()\nraise ImportError("tensorflow must not be imported")\n')
+  script = textwrap.dedent(f"""
+      import sys
+      from data import pipeline
+      cfg = dict(name='digits', data_dir={str(tmp_path / 'tfds')!r}, pp_train={AUGMENT!r})
+      next(pipeline.make_train_iter(cfg, global_batch_size=8, seed=0))
+      make_batches, _ = pipeline.make_eval_iter(cfg, global_batch_size=64)
+      list(make_batches())
+      assert 'tensorflow' not in sys.modules
+      """)
+  env = {**os.environ, 'PYTHONPATH': os.pathsep.join([str(fake.parent), str(REPO)])}
+  proc = subprocess.run([sys.executable, '-c', script], env=env, cwd=REPO, capture_output=True,
+                        text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert not marker.exists()
+
+
+def test_train_iter_is_infinite(digits_dir):
+  it = pipeline.make_train_iter(config(digits_dir), global_batch_size=500, seed=0)
+  assert len(list(itertools.islice(it, 10))) == 10  # 5000 examples > 3 epochs.

@@ -1,0 +1,165 @@
+"""The shared loop end to end on the digits data: sharding equivalence, resume, preemption, NaN, eval."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from configs import vit_digits
+from train import loop
+from train import metrics as metrics_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def tiny_config(data_dir, **overrides):
+  """vit_digits shrunk to a model that compiles and steps in well under a second."""
+  c = vit_digits.get_config()
+  c.model.update(width=16, depth=2, mlp_dim=32, num_heads=2, patch_size=4)
+  c.data.data_dir = data_dir
+  c.batch_size = c.eval_batch_size = 16
+  c.total_steps, c.log_every_steps, c.eval_every_steps, c.checkpoint_every_steps = 3, 1, 0, 3
+  c.schedule.warmup_steps = 1
+  for key, value in overrides.items():
+    target = c
+    *path, last = key.split('.')
+    for p in path:
+      target = target[p]
+    target[last] = value
+  return c
+
+
+def _train_metrics(workdir):
+  return [{k: v for k, v in r.items() if k.startswith(('train/', 'eval/', 'step'))}
+          for r in metrics_lib.read_metrics(workdir)]
+
+
+@pytest.fixture(scope='module')
+def one_device_run(digits_dir, tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp('one_device'))
+  out = loop.train(tiny_config(digits_dir, **{'mesh.data': 1}), workdir, devices=jax.devices()[:1])
+  return jax.device_get(out['state']['params']), _train_metrics(workdir)
+
+
+@pytest.mark.parametrize('mesh, expected_specs', [
+    ({'data': 8, 'fsdp': 1, 'tensor': 1}, {}),
+    ({'data': 2, 'fsdp': 4, 'tensor': 1}, {'mlp/fc1/kernel': ('fsdp', None), 'attn/query/kernel': ('fsdp', None, None)}),
+    ({'data': 2, 'fsdp': 1, 'tensor': 4}, {'mlp/fc1/kernel': (None, 'tensor'), 'attn/out/kernel': (None, None, None)}),
+])
+def test_meshes_match_one_device(one_device_run, digits_dir, tmp_path, mesh, expected_specs):
+  params_1, metrics_1 = one_device_run
+  config = tiny_config(digits_dir, **{f'mesh.{k}': v for k, v in mesh.items()})
+  # heads=2 cannot split 4 ways: heads stay replicated here, and the MLP hidden dim (32) is split instead.
+  if mesh['tensor'] == 4:
+    config.sharding_rules.heads = ''
+  out = loop.train(config, str(tmp_path))
+  params = out['state']['params']
+  flat = {'/'.join(str(k.key) for k in path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(params)}
+  for suffix, spec in expected_specs.items():
+    (name,) = [n for n in flat if n.endswith('block_0/' + suffix)]
+    assert tuple(flat[name].sharding.spec) + (None,) * (flat[name].ndim - len(flat[name].sharding.spec)) == spec, name
+    assert flat[name].addressable_shards[0].data.size < flat[name].size  # Really split over devices.
+  losses = [m['train/loss'] for m in _train_metrics(str(tmp_path))]
+  np.testing.assert_allclose(losses, [m['train/loss'] for m in metrics_1], rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), jax.device_get(params), params_1)
+
+
+def test_eval_counts_each_example_once_and_ema(digits_dir, tmp_path):
+  # 360 test digits in batches of 48 (not a divisor): the last batch is padded and masked.
+  config = tiny_config(digits_dir, eval_batch_size=48, eval_every_steps=2, total_steps=4,
+                       **{'optimizer.ema_decay': 0.9, 'optimizer.ema_warmup': True})
+  out = loop.train(config, str(tmp_path))
+  records = [r for r in metrics_lib.read_metrics(str(tmp_path)) if 'eval/accuracy' in r]
+  assert [r['step'] for r in records] == [2, 4]
+  assert all(r['eval/examples'] == 360 for r in records)
+  assert set(out['state']) == {'step', 'params', 'opt_state', 'ema_params'}
+  assert 0.0 <= records[-1]['eval/accuracy'] <= 1.0
+
+
+def test_non_finite_loss_stops_naming_step_and_keeps_good_checkpoint(digits_dir, tmp_path):
+  config = tiny_config(digits_dir, total_steps=6, checkpoint_every_steps=1, log_every_steps=3,
+                       **{'schedule.base_learning_rate': 1e30, 'schedule.warmup_steps': 0,
+                          'optimizer.grad_clip_norm': None, 'optimizer.name': 'sgd', 'optimizer.momentum': 0.0})
+  with pytest.raises(loop.NonFiniteLossError, match=r'is (nan|inf|-inf) at step 1; stopped without saving'):
+    loop.train(config, str(tmp_path))
+  assert not os.path.exists(tmp_path / 'checkpoints' / '1')
+
+
+def _cli(workdir, *overrides, data_dir):
+  return [sys.executable, '-m', 'train', '--config=configs/vit_digits.py', f'--workdir={workdir}',
+          f'--config.data.data_dir={data_dir}', *overrides]
+
+
+def _env():
+  env = dict(os.environ, JAX_NUM_CPU_DEVICES='1', JAX_PLATFORMS='cpu')
+  return env
+
+
+RESUME_FLAGS = ('--config.total_steps=240', '--config.log_every_steps=10', '--config.eval_every_steps=80',
+                '--config.checkpoint_every_steps=40', '--config.checkpoints_to_keep=10')
+
+
+def _final_params(workdir, step):
+  with ocp.CheckpointManager(os.path.join(workdir, 'checkpoints')) as mngr:
+    restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+  return restored['state']['params']
+
+
+def test_kill_and_resume_equals_uninterrupted_run_bitwise(digits_dir, tmp_path):
+  straight, killed = tmp_path / 'straight', tmp_path / 'killed'
+  reference = subprocess.Popen(_cli(straight, *RESUME_FLAGS, data_dir=digits_dir), cwd=REPO, env=_env(),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  victim = subprocess.Popen(_cli(killed, *RESUME_FLAGS, data_dir=digits_dir), cwd=REPO, env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + 240
+  # kill -9 as soon as a checkpoint is complete, while the run is still going.
+  while not (killed / 'checkpoints' / '40' / '_CHECKPOINT_METADATA').exists():
+    assert victim.poll() is None and time.time() < deadline, 'the run ended before it could be killed'
+    time.sleep(0.05)
+  victim.send_signal(signal.SIGKILL)
+  victim.wait()
+  assert not (killed / 'checkpoints' / '240').exists(), 'the run finished before the kill; lengthen it'
+  resumed = subprocess.run(_cli(killed, *RESUME_FLAGS, data_dir=digits_dir), cwd=REPO, env=_env(),
+                           capture_output=True, text=True, timeout=300)
+  assert resumed.returncode == 0, resumed.stderr[-2000:]
+  assert 'resumed from' in resumed.stdout
+  assert reference.wait(timeout=300) == 0
+  assert _train_metrics(killed) == _train_metrics(straight)
+  a, b = _final_params(str(killed), 240), _final_params(str(straight), 240)
+  jax.tree.map(np.testing.assert_array_equal, a, b)
+
+
+def test_sigterm_saves_and_exits_cleanly(digits_dir, tmp_path):
+  proc = subprocess.Popen(_cli(tmp_path, '--config.total_steps=100000', '--config.log_every_steps=1',
+                               '--config.checkpoint_every_steps=100000', data_dir=digits_dir),
+                          cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+  for line in proc.stdout:
+    if line.startswith('step 5/'):
+      proc.send_signal(signal.SIGTERM)
+      break
+  out, _ = proc.communicate(timeout=120)
+  assert proc.returncode == 0
+  (line,) = [l for l in out.splitlines() if l.startswith('preempted at step')]
+  step = int(line.split()[3].rstrip(':'))
+  assert 5 <= step < 100000
+  assert (tmp_path / 'checkpoints' / str(step) / '_CHECKPOINT_METADATA').exists()
+
+
+@pytest.mark.parametrize('overrides, message', [
+    (['--config.no_such_key=1'], 'no_such_key'),
+    (['--config.data.name=no_such_dataset'], 'no_such_dataset'),
+    (['--config.mesh.data=3'], 'mesh data=3 x fsdp=1 x tensor=1 = 3 devices, but 8 are available'),
+    (['--config.batch_size=20'], 'batch_size=20 is not divisible by the data-parallel size data*fsdp=8'),
+])
+def test_bad_input_fails_at_start_with_one_line(digits_dir, tmp_path, overrides, message):
+  env = dict(os.environ, JAX_NUM_CPU_DEVICES='8', JAX_PLATFORMS='cpu')
+  proc = subprocess.run(_cli(tmp_path, *overrides, data_dir=digits_dir), cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 2
+  errors = [l for l in proc.stderr.splitlines() if l.startswith('error:')]
+  assert len(errors) == 1 and message in errors[0], proc.stderr[-2000:]

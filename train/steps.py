@@ -1,0 +1,83 @@
+"""The jitted, sharded functions of a run: state init, train step and eval step.
+
+Built from (config, mesh, rules, model, task, example input); the loop and the benchmarks share them, so a
+benchmark times exactly the step that trains. Call `build` under `jax.set_mesh(mesh)` and
+`nn.logical_axis_rules(rules)`, and run the returned functions under the same contexts.
+"""
+import dataclasses
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
+import optax
+
+from train import optimizers, sharding
+
+
+@dataclasses.dataclass(frozen=True)
+class Steps:
+  init: Callable[[jax.Array], Any]            # rng -> sharded state
+  train: Callable[[Any, Any], tuple[Any, Any]]  # (state, global batch) -> (state, metrics); donates state
+  eval: Callable[[Any, Any], Any]             # (params, global batch) -> replicated sums
+  abstract_state: Any
+  state_shardings: Any
+  batch_sharding: NamedSharding
+  schedule: optax.Schedule
+  init_key: jax.Array
+  uses_ema: bool
+
+
+def build(config, mesh, rules, model, task, example) -> Steps:
+  init_key, step_key = jax.random.split(jax.random.key(config.seed))
+  use_ema = bool(config.optimizer.get('ema_decay'))
+  replicated = NamedSharding(mesh, P())
+  batch_sharding = sharding.batch_sharding(mesh)
+
+  def init_params(rng):
+    return model.init({'params': rng, 'dropout': rng}, example, train=False)['params']
+
+  boxed = jax.eval_shape(init_params, init_key)
+  param_shardings = sharding.param_shardings(boxed, mesh, rules)
+  abstract_params = nn.unbox(boxed)
+  schedule = optimizers.make_schedule(config.schedule, config.total_steps)
+  tx = optimizers.make_optimizer(config.optimizer, schedule, abstract_params)
+
+  def init_state(rng):
+    params = nn.unbox(init_params(rng))
+    state = {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt_state': tx.init(params)}
+    if use_ema:
+      state['ema_params'] = params
+    return state
+
+  abstract_state = jax.eval_shape(init_state, init_key)
+  state_shardings = {'step': replicated, 'params': param_shardings,
+                     'opt_state': sharding.like_params(abstract_state['opt_state'], abstract_params,
+                                                       param_shardings, mesh)}
+  if use_ema:
+    state_shardings['ema_params'] = param_shardings
+
+  def train_step(state, batch):
+    step = state['step']
+    rng = jax.random.fold_in(step_key, step)  # Per-step randomness from (seed, step): resumes draw the same.
+    grad_fn = jax.value_and_grad(lambda p: task.loss(model, p, batch, rng, train=True), has_aux=True)
+    (loss, aux), grads = grad_fn(state['params'])
+    updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
+    params = optax.apply_updates(state['params'], updates)
+    new_state = {'step': step + 1, 'params': params, 'opt_state': opt_state}
+    if use_ema:
+      decay = optimizers.ema_decay_at(config.optimizer, step)
+      new_state['ema_params'] = optimizers.ema_update(state['ema_params'], params, decay)
+    metrics = {'train/loss': loss, 'train/learning_rate': schedule(step),
+               'train/grad_norm': optax.global_norm(grads), 'train/param_norm': optax.global_norm(params), **aux}
+    return new_state, metrics
+
+  return Steps(
+      init=jax.jit(init_state, out_shardings=state_shardings),
+      train=jax.jit(train_step, in_shardings=(state_shardings, batch_sharding),
+                    out_shardings=(state_shardings, replicated), donate_argnums=0),
+      eval=jax.jit(lambda params, batch: task.eval_sums(model, params, batch),
+                   in_shardings=(param_shardings, batch_sharding), out_shardings=replicated),
+      abstract_state=abstract_state, state_shardings=state_shardings, batch_sharding=batch_sharding,
+      schedule=schedule, init_key=init_key, uses_ema=use_ema)
