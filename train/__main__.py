@@ -24,9 +24,24 @@ def _parse(argv):
   try:
     rest = flags.FLAGS(argv)
   except flags.Error as e:
-    _fail(f'{" ".join(str(e).split())} (see --helpfull)')
+    text = str(e)
+    if 'Traceback' in text:  # An exception inside the config file: keep its final 'SomeError: ...' line.
+      text = 'the config file failed: ' + text.strip().splitlines()[-1]
+    _fail(f'{" ".join(text.split())} (see --helpfull)')
+  except (KeyError, AttributeError) as e:  # config_flags' way of saying an override names no field.
+    key = str(e).strip('"\'')
+    bad = [a for a in argv if a.startswith('--config.') and key in a.split('=')[0]]
+    _fail(f'{bad[0].split("=")[0] if bad else key}: no such config field; check the spelling against the config '
+          'file (new fields must be added to the config, not only overridden)')
   if _CONFIG.value is None:
     _fail('--config is required, e.g. --config=configs/vit_digits.py')
+  try:  # The config file is loaded lazily: surface a missing or broken file here, as one line.
+    list(_CONFIG.value.keys())
+  except Exception as e:  # noqa: BLE001 - any failure of the user's config file.
+    cause = e.__cause__ or e
+    first = next((l.strip() for l in str(cause).splitlines() if l.strip().startswith('[Errno')), None)
+    _fail(f'cannot load --config={flags.FLAGS["config"].serialize().split("=", 1)[1]}: '
+          f'{first or " ".join(str(cause).split())}')
   if not _WORKDIR.value:
     _fail('--workdir is required: the directory for checkpoints and metrics (resumed if it has any).')
   if not flags.FLAGS['verbosity'].present:

@@ -29,6 +29,12 @@ class Steps:
   uses_ema: bool
 
 
+def _unbox(boxed_abstract):
+  """Strips the logical-axis boxes of abstract values (no sharding constraint on shapes)."""
+  return jax.tree.map(lambda b: b.unbox(apply_constraint=False), boxed_abstract,
+                      is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
+
+
 def build(config, mesh, rules, model, task, example) -> Steps:
   init_key, step_key = jax.random.split(jax.random.key(config.seed))
   use_ema = bool(config.optimizer.get('ema_decay'))
@@ -40,12 +46,12 @@ def build(config, mesh, rules, model, task, example) -> Steps:
 
   boxed = jax.eval_shape(init_params, init_key)
   param_shardings = sharding.param_shardings(boxed, mesh, rules)
-  abstract_params = nn.unbox(boxed)
+  abstract_params = _unbox(boxed)
   schedule = optimizers.make_schedule(config.schedule, config.total_steps)
   tx = optimizers.make_optimizer(config.optimizer, schedule, abstract_params)
 
   def init_state(rng):
-    params = nn.unbox(init_params(rng))
+    params = nn.unbox(init_params(rng))  # Under the mesh: constrains each to its logical sharding.
     state = {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt_state': tx.init(params)}
     if use_ema:
       state['ema_params'] = params
@@ -70,7 +76,7 @@ def build(config, mesh, rules, model, task, example) -> Steps:
       decay = optimizers.ema_decay_at(config.optimizer, step)
       new_state['ema_params'] = optimizers.ema_update(state['ema_params'], params, decay)
     metrics = {'train/loss': loss, 'train/learning_rate': schedule(step),
-               'train/grad_norm': optax.global_norm(grads), 'train/param_norm': optax.global_norm(params), **aux}
+               'train/grad_norm': optax.tree.norm(grads), 'train/param_norm': optax.tree.norm(params), **aux}
     return new_state, metrics
 
   return Steps(

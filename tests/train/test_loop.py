@@ -39,21 +39,28 @@ def _train_metrics(workdir):
           for r in metrics_lib.read_metrics(workdir)]
 
 
+# SGD, not Adam, for the mesh comparison: the key bias has an exactly-zero gradient (softmax ignores a
+# per-query constant), whose rounding noise Adam's normalisation would blow up to full-size updates.
+MESH_TEST = {'optimizer.name': 'sgd', 'optimizer.momentum': 0.9, 'schedule.base_learning_rate': 0.1}
+
+
 @pytest.fixture(scope='module')
 def one_device_run(digits_dir, tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp('one_device'))
-  out = loop.train(tiny_config(digits_dir, **{'mesh.data': 1}), workdir, devices=jax.devices()[:1])
+  out = loop.train(tiny_config(digits_dir, **{'mesh.data': 1}, **MESH_TEST), workdir, devices=jax.devices()[:1])
   return jax.device_get(out['state']['params']), _train_metrics(workdir)
 
 
 @pytest.mark.parametrize('mesh, expected_specs', [
     ({'data': 8, 'fsdp': 1, 'tensor': 1}, {}),
-    ({'data': 2, 'fsdp': 4, 'tensor': 1}, {'mlp/fc1/kernel': ('fsdp', None), 'attn/query/kernel': ('fsdp', None, None)}),
-    ({'data': 2, 'fsdp': 1, 'tensor': 4}, {'mlp/fc1/kernel': (None, 'tensor'), 'attn/out/kernel': (None, None, None)}),
+    ({'data': 2, 'fsdp': 4, 'tensor': 1}, {'mlp/fc1/kernel': ('fsdp', 'tensor'),
+                                           'attn/query/kernel': ('fsdp', 'tensor', None)}),
+    ({'data': 2, 'fsdp': 1, 'tensor': 4}, {'mlp/fc2/kernel': ('tensor', 'fsdp'),
+                                           'attn/out/kernel': (None, None, 'fsdp')}),
 ])
 def test_meshes_match_one_device(one_device_run, digits_dir, tmp_path, mesh, expected_specs):
   params_1, metrics_1 = one_device_run
-  config = tiny_config(digits_dir, **{f'mesh.{k}': v for k, v in mesh.items()})
+  config = tiny_config(digits_dir, **{f'mesh.{k}': v for k, v in mesh.items()}, **MESH_TEST)
   # heads=2 cannot split 4 ways: heads stay replicated here, and the MLP hidden dim (32) is split instead.
   if mesh['tensor'] == 4:
     config.sharding_rules.heads = ''
@@ -63,7 +70,8 @@ def test_meshes_match_one_device(one_device_run, digits_dir, tmp_path, mesh, exp
   for suffix, spec in expected_specs.items():
     (name,) = [n for n in flat if n.endswith('block_0/' + suffix)]
     assert tuple(flat[name].sharding.spec) + (None,) * (flat[name].ndim - len(flat[name].sharding.spec)) == spec, name
-    assert flat[name].addressable_shards[0].data.size < flat[name].size  # Really split over devices.
+    if name.endswith(('fc1/kernel', 'fc2/kernel', 'query/kernel')):
+      assert flat[name].addressable_shards[0].data.size < flat[name].size  # Really split over devices.
   losses = [m['train/loss'] for m in _train_metrics(str(tmp_path))]
   np.testing.assert_allclose(losses, [m['train/loss'] for m in metrics_1], rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), jax.device_get(params), params_1)
@@ -101,7 +109,7 @@ def _env():
 
 
 RESUME_FLAGS = ('--config.total_steps=240', '--config.log_every_steps=10', '--config.eval_every_steps=80',
-                '--config.checkpoint_every_steps=40', '--config.checkpoints_to_keep=10')
+                '--config.checkpoint_every_steps=40')
 
 
 def _final_params(workdir, step):

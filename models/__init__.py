@@ -1,0 +1,1 @@
+"""Pure Flax Linen model definitions (no training, data or config logic)."""

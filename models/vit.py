@@ -1,0 +1,579 @@
+"""Vision Transformer (ViT) family in Flax Linen, with timm / HF converters.
+
+Usage::
+
+  model = Model(num_classes=1000, variant='B/16')
+  params = nn.meta.unbox(model.init({'params': key}, images)['params'])
+  logits = model.apply({'params': params}, images, train=False)  # [b, classes]
+
+Images are NHWC. Every parameter is boxed with logical axis names at init
+('embed', 'mlp', 'heads', 'head_dim', 'classes', 'layers', None); the residual
+stream is constrained to ('batch', 'length', 'act_embed'), which is a no-op
+unless logical axis rules and a mesh are active.
+"""
+from collections.abc import Callable, Mapping, Sequence
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# name -> (width, depth, mlp_dim, num_heads)
+VARIANTS: dict[str, tuple[int, int, int, int]] = {
+    'Ti': (192, 12, 768, 3),
+    'S': (384, 12, 1536, 6),
+    'M': (512, 12, 2048, 8),
+    'B': (768, 12, 3072, 12),
+    'L': (1024, 24, 4096, 16),
+    'H': (1280, 32, 5120, 16),
+    'g': (1408, 40, 6144, 16),
+    'G': (1664, 48, 8192, 16),
+}
+POS_EMBED_STD = 0.02  # timm / HF convention for learned position embeddings
+RESIDUAL_AXES = ('batch', 'length', 'act_embed')
+
+Params = dict[str, Any]
+Pair = int | Sequence[int]
+
+
+def _pair(x: Pair) -> tuple[int, int]:
+  return (int(x), int(x)) if isinstance(x, (int, np.integer)) else (int(x[0]), int(x[1]))
+
+
+def _boxed(init: Callable, names: tuple[str | None, ...]) -> Callable:
+  return nn.with_logical_partitioning(init, names)
+
+
+def _dense(features: int, names: tuple[str | None, ...], dtype: Any, name: str,
+           kernel_init: Callable = nn.initializers.xavier_uniform(),
+           bias_init: Callable = nn.initializers.zeros) -> nn.Dense:
+  return nn.Dense(features, dtype=dtype, name=name,
+                  kernel_init=_boxed(kernel_init, names),
+                  bias_init=_boxed(bias_init, names[-1:]))
+
+
+def _layernorm(eps: float, dtype: Any, name: str) -> nn.LayerNorm:
+  # Flax LayerNorm computes its statistics in at least float32.
+  return nn.LayerNorm(epsilon=eps, dtype=dtype, name=name,
+                      scale_init=_boxed(nn.initializers.ones, ('embed',)),
+                      bias_init=_boxed(nn.initializers.zeros, ('embed',)))
+
+
+def posemb_sincos_2d(h: int, w: int, width: int, temperature: float = 10_000.0) -> jax.Array:
+  """Fixed 2-D sin-cos embedding [1, h*w, width] (row-major grid), as in big_vision."""
+  if width % 4:
+    raise ValueError(f'sincos2d position embedding needs width % 4 == 0, got {width}')
+  y, x = jnp.meshgrid(jnp.arange(h), jnp.arange(w), indexing='ij')
+  omega = jnp.arange(width // 4) / max(width // 4 - 1, 1)
+  omega = 1.0 / temperature**omega
+  y = y.reshape(-1)[:, None] * omega[None]
+  x = x.reshape(-1)[:, None] * omega[None]
+  pe = jnp.concatenate([jnp.sin(x), jnp.cos(x), jnp.sin(y), jnp.cos(y)], axis=1)
+  return pe[None].astype(jnp.float32)
+
+
+def resize_posemb(posemb: jax.Array | np.ndarray, new_grid_hw: Pair, num_prefix_tokens: int,
+                  old_grid_hw: Pair | None = None) -> jax.Array:
+  """Bilinearly resizes learned embeddings [1, prefix + h*w, d] to a new patch grid.
+
+  Prefix (class) token embeddings are kept as they are. `old_grid_hw` defaults to
+  a square grid. Sampling uses half-pixel centres without anti-aliasing, i.e. it
+  evaluates the bilinear interpolant of the old grid at the new grid's centres.
+  """
+  posemb = jnp.asarray(posemb)
+  prefix, grid = posemb[:, :num_prefix_tokens], posemb[:, num_prefix_tokens:]
+  n, d = grid.shape[1], grid.shape[2]
+  if old_grid_hw is None:
+    side = math.isqrt(n)
+    if side * side != n:
+      raise ValueError(f'{n} grid tokens are not a square grid; pass old_grid_hw')
+    old_grid_hw = (side, side)
+  oh, ow = _pair(old_grid_hw)
+  nh, nw = _pair(new_grid_hw)
+  if oh * ow != n:
+    raise ValueError(f'old_grid_hw {(oh, ow)} does not match {n} grid tokens')
+  if (oh, ow) == (nh, nw):
+    return posemb
+  grid = jax.image.resize(grid.reshape(1, oh, ow, d).astype(jnp.float32), (1, nh, nw, d),
+                          method='bilinear', antialias=False)
+  grid = grid.reshape(1, nh * nw, d).astype(posemb.dtype)
+  return jnp.concatenate([prefix, grid], axis=1)
+
+
+class MlpBlock(nn.Module):
+  """Dense -> GELU -> Dense."""
+  mlp_dim: int
+  dropout: float
+  gelu_approximate: bool
+  deterministic: bool
+  dtype: Any
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    width = x.shape[-1]
+    bias_init = nn.initializers.normal(1e-6)
+    x = _dense(self.mlp_dim, ('embed', 'mlp'), self.dtype, 'fc1', bias_init=bias_init)(x)
+    x = nn.gelu(x, approximate=self.gelu_approximate)
+    x = nn.Dropout(self.dropout)(x, deterministic=self.deterministic)
+    return _dense(width, ('mlp', 'embed'), self.dtype, 'fc2', bias_init=bias_init)(x)
+
+
+class Projection(nn.Module):
+  """`x @ kernel + bias` contracting the last `num_in` axes of x with kernel[in..., out...].
+
+  Used instead of nn.DenseGeneral, whose flat-then-reshape initialisation applies the
+  (n-D) logical sharding constraint to a 2-D array and fails under an active mesh.
+  """
+  out_shape: tuple[int, ...]
+  kernel_axes: tuple[str | None, ...]
+  num_in: int = 1
+  use_bias: bool = True
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    n_in, n_out = self.num_in, len(self.out_shape)
+    init = nn.initializers.xavier_uniform(in_axis=tuple(range(n_in)),
+                                          out_axis=tuple(range(n_in, n_in + n_out)))
+    kernel = self.param('kernel', _boxed(init, self.kernel_axes),
+                        tuple(x.shape[-n_in:]) + tuple(self.out_shape))
+    y = jnp.tensordot(x.astype(self.dtype), kernel.astype(self.dtype), axes=n_in)
+    if self.use_bias:
+      bias = self.param('bias', _boxed(nn.initializers.zeros, self.kernel_axes[n_in:]),
+                        tuple(self.out_shape))
+      y = y + bias.astype(self.dtype)
+    return y
+
+
+class Attention(nn.Module):
+  """Multi-head attention with separate per-head q/k/v projections (shardable over heads)."""
+  num_heads: int
+  qkv_bias: bool
+  dtype: Any
+
+  @nn.compact
+  def __call__(self, x_q: jax.Array, x_kv: jax.Array) -> jax.Array:
+    width = x_kv.shape[-1]
+    if width % self.num_heads:
+      raise ValueError(f'width {width} is not divisible by num_heads {self.num_heads}')
+    head_dim = width // self.num_heads
+    proj = lambda name: Projection((self.num_heads, head_dim), ('embed', 'heads', 'head_dim'),
+                                   use_bias=self.qkv_bias, dtype=self.dtype, name=name)
+    q, k, v = proj('query')(x_q), proj('key')(x_kv), proj('value')(x_kv)
+    logits = jnp.einsum('...qhd,...khd->...hqk', q * head_dim**-0.5, k)
+    # Softmax in float32 even for bfloat16 compute.
+    weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
+    out = jnp.einsum('...hqk,...khd->...qhd', weights, v)
+    return Projection((width,), ('heads', 'head_dim', 'embed'), num_in=2, dtype=self.dtype,
+                      name='out')(out)
+
+
+class EncoderBlock(nn.Module):
+  """Pre-norm block: x + attn(ln1(x)), then x + mlp(ln2(x)).
+
+  Takes and returns a (carry, None) pair so it can be used directly under nn.scan.
+  """
+  num_heads: int
+  mlp_dim: int
+  dropout: float
+  qkv_bias: bool
+  gelu_approximate: bool
+  layernorm_epsilon: float
+  deterministic: bool
+  dtype: Any
+
+  @nn.compact
+  def __call__(self, x: jax.Array, _: Any = None) -> tuple[jax.Array, None]:
+    drop = lambda y: nn.Dropout(self.dropout)(y, deterministic=self.deterministic)
+    y = _layernorm(self.layernorm_epsilon, self.dtype, 'ln1')(x)
+    y = Attention(self.num_heads, self.qkv_bias, self.dtype, name='attn')(y, y)
+    x = x + drop(y)
+    y = _layernorm(self.layernorm_epsilon, self.dtype, 'ln2')(x)
+    y = MlpBlock(self.mlp_dim, self.dropout, self.gelu_approximate, self.deterministic,
+                 self.dtype, name='mlp')(y)
+    x = x + drop(y)
+    return nn.with_logical_constraint(x, RESIDUAL_AXES), None
+
+
+class Encoder(nn.Module):
+  """Stack of `depth` blocks ('block_{i}', or one scanned 'blocks') and 'ln_final'."""
+  depth: int
+  block_kwargs: Mapping[str, Any]
+  layernorm_epsilon: float
+  scan: bool
+  remat: bool
+  remat_policy: str
+  dtype: Any
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    block_cls = EncoderBlock
+    if self.remat:
+      block_cls = nn.remat(block_cls, prevent_cse=not self.scan,
+                           policy=getattr(jax.checkpoint_policies, self.remat_policy))
+    if self.scan:
+      stack = nn.scan(block_cls, variable_axes={'params': 0},
+                      split_rngs={'params': True, 'dropout': True}, length=self.depth,
+                      metadata_params={nn.PARTITION_NAME: 'layers'})
+      x, _ = stack(**self.block_kwargs, name='blocks')(x, None)
+    else:
+      for i in range(self.depth):
+        x, _ = block_cls(**self.block_kwargs, name=f'block_{i}')(x)
+    return _layernorm(self.layernorm_epsilon, self.dtype, 'ln_final')(x)
+
+
+class MAPHead(nn.Module):
+  """Multihead attention pooling: a learned probe attends over tokens, then an MLP."""
+  num_heads: int
+  mlp_dim: int
+  qkv_bias: bool
+  gelu_approximate: bool
+  layernorm_epsilon: float
+  dtype: Any
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    init = _boxed(nn.initializers.normal(POS_EMBED_STD), (None, None, 'embed'))
+    probe = self.param('probe', init, (1, 1, x.shape[-1]))
+    probe = jnp.broadcast_to(probe.astype(x.dtype), (x.shape[0], 1, x.shape[-1]))
+    x = Attention(self.num_heads, self.qkv_bias, self.dtype, name='attn')(probe, x)
+    y = _layernorm(self.layernorm_epsilon, self.dtype, 'ln')(x)
+    x = x + MlpBlock(self.mlp_dim, 0.0, self.gelu_approximate, True, self.dtype, name='mlp')(y)
+    return x[:, 0]
+
+
+class Model(nn.Module):
+  """ViT classifier. `__call__(images [b, h, w, c], train)` -> float32 logits [b, num_classes].
+
+  `variant` ('Ti/16', 'B/16', 'L/14', 'g/14', ...) sets width/depth/mlp_dim/num_heads
+  and patch size; any explicitly set field overrides it. Without a variant all five
+  must be given. pool_type: 'tok' (class token, the only mode with one), 'gap' (mean of
+  tokens), 'map' (attention pooling) or 'none' (per-token logits [b, n, num_classes]).
+  num_classes=0 drops the head and returns the (pre-logits) features.
+
+  posemb 'learn' holds `pos_embedding` [1, n_prefix + h*w, width] (class token first,
+  timm layout), initialised N(0, 0.02). Its patch grid is fixed at init; a different
+  input grid raises an error telling you to call `resize_posemb`. When `posemb_grid`
+  is set the grid itself is checked, otherwise only the token count (so a transposed
+  non-square grid is not caught). 'sincos2d' is fixed and works for any grid.
+  """
+  num_classes: int = 1000
+  variant: str | None = None
+  width: int | None = None
+  depth: int | None = None
+  mlp_dim: int | None = None
+  num_heads: int | None = None
+  patch_size: Pair | None = None
+  posemb: str = 'learn'
+  posemb_grid: Pair | None = None
+  pool_type: str = 'tok'
+  representation_size: int | None = None
+  head_zeroinit: bool = True
+  dropout: float = 0.0
+  dtype: str = 'float32'
+  layernorm_epsilon: float = 1e-6
+  gelu_approximate: bool = False
+  qkv_bias: bool = True
+  scan: bool = False
+  remat: bool = False
+  remat_policy: str = 'nothing_saveable'
+
+  def dims(self) -> dict[str, Any]:
+    """Resolved width, depth, mlp_dim, num_heads and (h, w) patch_size."""
+    dims: dict[str, Any] = {}
+    if self.variant is not None:
+      name, _, patch = self.variant.partition('/')
+      if name not in VARIANTS or (patch and not patch.isdigit()):
+        raise ValueError(f'Unknown ViT variant {self.variant!r}; valid: '
+                         f'{", ".join(VARIANTS)} with an optional "/<patch>", e.g. "B/16".')
+      dims = dict(zip(('width', 'depth', 'mlp_dim', 'num_heads'), VARIANTS[name]))
+      if patch:
+        dims['patch_size'] = int(patch)
+    for key in ('width', 'depth', 'mlp_dim', 'num_heads', 'patch_size'):
+      if getattr(self, key) is not None:
+        dims[key] = getattr(self, key)
+      if key not in dims:
+        raise ValueError(f'ViT needs {key!r}: set it or pick a variant such as "B/16".')
+    dims['patch_size'] = _pair(dims['patch_size'])
+    return dims
+
+  @nn.compact
+  def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
+    d = self.dims()
+    width, dtype = d['width'], jnp.dtype(self.dtype)
+    if self.pool_type not in ('tok', 'gap', 'map', 'none'):
+      raise ValueError(f"pool_type must be 'tok', 'gap', 'map' or 'none', got {self.pool_type!r}")
+    ph, pw = d['patch_size']
+    if images.shape[1] % ph or images.shape[2] % pw:
+      raise ValueError(f'Image size {images.shape[1:3]} is not divisible by patch size {(ph, pw)}')
+
+    x = nn.Conv(width, (ph, pw), strides=(ph, pw), padding='VALID', dtype=dtype, name='embedding',
+                kernel_init=_boxed(nn.initializers.lecun_normal(), (None, None, None, 'embed')),
+                bias_init=_boxed(nn.initializers.zeros, ('embed',)))(images)
+    b, gh, gw, _ = x.shape
+    x = x.reshape(b, gh * gw, width)
+
+    num_prefix = 0
+    if self.pool_type == 'tok':
+      cls = self.param('cls', _boxed(nn.initializers.zeros, (None, None, 'embed')), (1, 1, width))
+      x = jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), (b, 1, width)), x], axis=1)
+      num_prefix = 1
+
+    if self.posemb == 'learn':
+      x = x + self._learned_posemb(gh, gw, num_prefix, width).astype(x.dtype)
+    elif self.posemb == 'sincos2d':
+      pe = posemb_sincos_2d(gh, gw, width)
+      pe = jnp.pad(pe, ((0, 0), (num_prefix, 0), (0, 0)))  # no position for the class token
+      x = x + pe.astype(x.dtype)
+    else:
+      raise ValueError(f"posemb must be 'learn' or 'sincos2d', got {self.posemb!r}")
+    x = nn.Dropout(self.dropout)(x, deterministic=not train)
+    x = nn.with_logical_constraint(x, RESIDUAL_AXES)
+
+    block_kwargs = dict(
+        num_heads=d['num_heads'], mlp_dim=d['mlp_dim'], dropout=self.dropout,
+        qkv_bias=self.qkv_bias, gelu_approximate=self.gelu_approximate,
+        layernorm_epsilon=self.layernorm_epsilon, deterministic=not train, dtype=dtype)
+    x = Encoder(d['depth'], block_kwargs, self.layernorm_epsilon, self.scan, self.remat,
+                self.remat_policy, dtype, name='encoder')(x)
+
+    if self.pool_type == 'tok':
+      x = x[:, 0]
+    elif self.pool_type == 'gap':
+      x = jnp.mean(x, axis=1)
+    elif self.pool_type == 'map':
+      x = MAPHead(d['num_heads'], d['mlp_dim'], self.qkv_bias, self.gelu_approximate,
+                  self.layernorm_epsilon, dtype, name='map_head')(x)
+
+    head_in = 'embed'
+    if self.representation_size:
+      # Output axis left unnamed: 'embed' may not appear twice in one kernel.
+      x = nn.tanh(_dense(self.representation_size, ('embed', None), dtype, 'pre_logits',
+                         kernel_init=nn.initializers.lecun_normal())(x))
+      head_in = None
+    if self.num_classes:
+      kernel_init = nn.initializers.zeros if self.head_zeroinit else nn.initializers.lecun_normal()
+      x = _dense(self.num_classes, (head_in, 'classes'), dtype, 'head', kernel_init=kernel_init)(x)
+    return x.astype(jnp.float32)
+
+  def _learned_posemb(self, gh: int, gw: int, num_prefix: int, width: int) -> jax.Array:
+    hint = (f"resize it with resize_posemb(params['pos_embedding'], {(gh, gw)}, "
+            f'num_prefix_tokens={num_prefix})')
+    if self.posemb_grid is not None and _pair(self.posemb_grid) != (gh, gw):
+      raise ValueError(f'Input patch grid {(gh, gw)} != posemb_grid {_pair(self.posemb_grid)} '
+                       f'of the learned position embedding; {hint} and set posemb_grid.')
+    n = num_prefix + gh * gw
+    if self.has_variable('params', 'pos_embedding'):
+      have = jnp.shape(nn.meta.unbox(self.get_variable('params', 'pos_embedding')))
+      if have[1] != n:
+        raise ValueError(f'pos_embedding has {have[1]} tokens but input patch grid {(gh, gw)} '
+                         f'needs {n}; {hint}.')
+    return self.param('pos_embedding', _boxed(nn.initializers.normal(POS_EMBED_STD),
+                                              (None, None, 'embed')), (1, n, width))
+
+
+def param_count(model_kwargs: Mapping[str, Any], image_hw: Pair = (224, 224)) -> int:
+  """Number of parameters, computed abstractly with jax.eval_shape (no memory)."""
+  h, w = _pair(image_hw)
+  model = Model(**model_kwargs)
+  shapes = jax.eval_shape(lambda: model.init({'params': jax.random.key(0)},
+                                             jnp.zeros((1, h, w, 3), jnp.float32)))
+  return sum(math.prod(x.shape) for x in jax.tree.leaves(nn.meta.unbox(shapes['params'])))
+
+
+def stack_layers(params: Params) -> Params:
+  """Converts scan=False params (encoder/block_{i}) to scan=True (encoder/blocks, stacked)."""
+  enc = dict(params['encoder'])
+  blocks = [enc.pop(f'block_{i}') for i in range(sum(k.startswith('block_') for k in enc))]
+  enc['blocks'] = jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *blocks)
+  return {**params, 'encoder': enc}
+
+
+def unstack_layers(params: Params) -> Params:
+  """Converts scan=True params (encoder/blocks, stacked) to scan=False (encoder/block_{i})."""
+  enc = dict(params['encoder'])
+  stacked = enc.pop('blocks')
+  depth = jax.tree.leaves(stacked)[0].shape[0]
+  for i in range(depth):
+    enc[f'block_{i}'] = jax.tree.map(lambda x: np.asarray(x[i]), stacked)
+  return {**params, 'encoder': enc}
+
+
+class _Reader:
+  """Pops float32 numpy arrays from a state dict and reports keys never read."""
+
+  def __init__(self, state_dict: Mapping[str, Any], source: str):
+    self.sd = dict(state_dict)
+    self.source = source
+
+  def __contains__(self, key: str) -> bool:
+    return key in self.sd
+
+  def __call__(self, key: str) -> np.ndarray:
+    # np.asarray also accepts CPU torch tensors without importing torch here.
+    return np.asarray(self.sd.pop(key), dtype=np.float32)
+
+  def linear(self, prefix: str) -> dict[str, np.ndarray]:
+    """torch Linear (out, in) -> Dense {'kernel': (in, out), 'bias'}."""
+    return {'kernel': self(f'{prefix}.weight').T, 'bias': self(f'{prefix}.bias')}
+
+  def layernorm(self, prefix: str) -> dict[str, np.ndarray]:
+    return {'scale': self(f'{prefix}.weight'), 'bias': self(f'{prefix}.bias')}
+
+  def patch_embed(self, prefix: str) -> dict[str, np.ndarray]:
+    # torch Conv2d (out, in, kh, kw) -> flax Conv (kh, kw, in, out).
+    kernel = self(f'{prefix}.weight').transpose(2, 3, 1, 0)
+    return {'kernel': kernel, 'bias': self(f'{prefix}.bias')}
+
+  def done(self) -> None:
+    if self.sd:
+      raise ValueError(f'Unsupported {self.source} weights (not a plain ViT): {sorted(self.sd)}')
+
+
+def _heads(dense: dict[str, np.ndarray], num_heads: int) -> dict[str, np.ndarray]:
+  """Dense (in, heads*hd) -> DenseGeneral (in, heads, hd)."""
+  d_in, d_out = dense['kernel'].shape
+  out = {'kernel': dense['kernel'].reshape(d_in, num_heads, d_out // num_heads)}
+  if 'bias' in dense:
+    out['bias'] = dense['bias'].reshape(num_heads, d_out // num_heads)
+  return out
+
+
+def _out_proj(dense: dict[str, np.ndarray], num_heads: int) -> dict[str, np.ndarray]:
+  """Dense (heads*hd, out) -> DenseGeneral (heads, hd, out)."""
+  d_in, d_out = dense['kernel'].shape
+  return {'kernel': dense['kernel'].reshape(num_heads, d_in // num_heads, d_out),
+          'bias': dense['bias']}
+
+
+def _grid(n: int, grid_hw: Pair | None) -> tuple[int, int]:
+  if grid_hw is not None:
+    return _pair(grid_hw)
+  side = math.isqrt(n)
+  if side * side != n:
+    raise ValueError(f'{n} position tokens are not a square grid; pass grid_hw')
+  return side, side
+
+
+def _finish(kwargs: dict[str, Any], params: Params, scan: bool) -> tuple[dict[str, Any], Params]:
+  kwargs['scan'] = scan
+  return kwargs, stack_layers(params) if scan else params
+
+
+def from_timm(state_dict: Mapping[str, Any], num_heads: int, *, grid_hw: Pair | None = None,
+              scan: bool = False) -> tuple[dict[str, Any], Params]:
+  """Converts a timm `VisionTransformer` state dict (numpy arrays) to (model_kwargs, params).
+
+  Supports the classic layout: optional class token (pool 'tok' if present, else
+  'gap' — timm's 'avg' pool without fc_norm), learned `pos_embed` covering the class
+  token, optional legacy `pre_logits.fc`. Other timm features (fc_norm, register
+  tokens, layer scale, qk-norm, ...) raise. `grid_hw` gives the posemb patch grid;
+  by default it is assumed square.
+  """
+  r = _Reader(state_dict, 'timm')
+  params: Params = {'embedding': r.patch_embed('patch_embed.proj')}
+  ph, pw, _, width = params['embedding']['kernel'].shape
+  has_cls = 'cls_token' in r
+  if has_cls:
+    params['cls'] = r('cls_token')
+  params['pos_embedding'] = r('pos_embed')
+  num_prefix = int(has_cls)
+  gh, gw = _grid(params['pos_embedding'].shape[1] - num_prefix, grid_hw)
+
+  enc: Params = {}
+  depth = 0
+  while f'blocks.{depth}.norm1.weight' in r:
+    p = f'blocks.{depth}'
+    qkv_w = r(f'{p}.attn.qkv.weight')
+    qkv_b = r(f'{p}.attn.qkv.bias') if f'{p}.attn.qkv.bias' in r else None
+    attn = {}
+    for j, name in enumerate(('query', 'key', 'value')):
+      dense = {'kernel': qkv_w[j * width:(j + 1) * width].T}
+      if qkv_b is not None:
+        dense['bias'] = qkv_b[j * width:(j + 1) * width]
+      attn[name] = _heads(dense, num_heads)
+    attn['out'] = _out_proj(r.linear(f'{p}.attn.proj'), num_heads)
+    enc[f'block_{depth}'] = {
+        'ln1': r.layernorm(f'{p}.norm1'), 'attn': attn, 'ln2': r.layernorm(f'{p}.norm2'),
+        'mlp': {'fc1': r.linear(f'{p}.mlp.fc1'), 'fc2': r.linear(f'{p}.mlp.fc2')}}
+    depth += 1
+  enc['ln_final'] = r.layernorm('norm')
+  params['encoder'] = enc
+  mlp_dim = enc['block_0']['mlp']['fc1']['kernel'].shape[1]
+
+  representation_size = None
+  if 'pre_logits.fc.weight' in r:
+    params['pre_logits'] = r.linear('pre_logits.fc')
+    representation_size = params['pre_logits']['kernel'].shape[1]
+  num_classes = 0
+  if 'head.weight' in r:
+    params['head'] = r.linear('head')
+    num_classes = params['head']['kernel'].shape[1]
+  r.done()
+
+  kwargs = dict(
+      num_classes=num_classes, width=width, depth=depth, mlp_dim=mlp_dim, num_heads=num_heads,
+      patch_size=(ph, pw), posemb='learn', posemb_grid=(gh, gw),
+      pool_type='tok' if has_cls else 'gap', representation_size=representation_size,
+      layernorm_epsilon=1e-6, gelu_approximate=False, qkv_bias=qkv_b is not None)
+  return _finish(kwargs, params, scan)
+
+
+_HF_GELU_APPROXIMATE = {'gelu': False, 'gelu_new': True, 'gelu_pytorch_tanh': True,
+                        'gelu_fast': True}
+
+
+def from_hf(hf_config: Mapping[str, Any], state_dict: Mapping[str, Any], *,
+            scan: bool = False) -> tuple[dict[str, Any], Params]:
+  """Converts HF transformers 5.x `ViTForImageClassification` (or `ViTModel`) weights.
+
+  `hf_config` is `config.to_dict()`. Logits come from the final-LayerNorm'ed class
+  token through `classifier`; HF's tanh `pooler` (only in `ViTModel`, unused for
+  classification) is dropped. Without a classifier num_classes is 0 (features).
+  """
+  act = hf_config.get('hidden_act', 'gelu')
+  if act not in _HF_GELU_APPROXIMATE:
+    raise ValueError(f'Unsupported HF hidden_act {act!r}; supported: {list(_HF_GELU_APPROXIMATE)}')
+  num_heads = int(hf_config['num_attention_heads'])
+  prefix = 'vit.' if any(k.startswith('vit.') for k in state_dict) else ''
+  r = _Reader({k: v for k, v in state_dict.items() if not k.startswith(f'{prefix}pooler.')}, 'HF')
+  emb = f'{prefix}embeddings'
+  params: Params = {'embedding': r.patch_embed(f'{emb}.patch_embeddings.projection'),
+                    'cls': r(f'{emb}.cls_token'),
+                    'pos_embedding': r(f'{emb}.position_embeddings')}
+  ph, pw = _pair(hf_config.get('patch_size', 16))
+  ih, iw = _pair(hf_config.get('image_size', 224))
+
+  qkv_bias = bool(hf_config.get('qkv_bias', True))
+  enc: Params = {}
+  depth = int(hf_config['num_hidden_layers'])
+  for i in range(depth):
+    p = f'{prefix}layers.{i}'
+    attn = {}
+    for name, hf_name in (('query', 'q_proj'), ('key', 'k_proj'), ('value', 'v_proj')):
+      dense = {'kernel': r(f'{p}.attention.{hf_name}.weight').T}
+      if qkv_bias:
+        dense['bias'] = r(f'{p}.attention.{hf_name}.bias')
+      attn[name] = _heads(dense, num_heads)
+    attn['out'] = _out_proj(r.linear(f'{p}.attention.o_proj'), num_heads)
+    enc[f'block_{i}'] = {
+        'ln1': r.layernorm(f'{p}.layernorm_before'), 'attn': attn,
+        'ln2': r.layernorm(f'{p}.layernorm_after'),
+        'mlp': {'fc1': r.linear(f'{p}.mlp.fc1'), 'fc2': r.linear(f'{p}.mlp.fc2')}}
+  enc['ln_final'] = r.layernorm(f'{prefix}layernorm')
+  params['encoder'] = enc
+  num_classes = 0
+  if 'classifier.weight' in r:
+    params['head'] = r.linear('classifier')
+    num_classes = params['head']['kernel'].shape[1]
+  r.done()
+
+  kwargs = dict(
+      num_classes=num_classes, width=int(hf_config['hidden_size']), depth=depth,
+      mlp_dim=int(hf_config['intermediate_size']), num_heads=num_heads, patch_size=(ph, pw),
+      posemb='learn', posemb_grid=(ih // ph, iw // pw), pool_type='tok',
+      representation_size=None, layernorm_epsilon=float(hf_config.get('layer_norm_eps', 1e-12)),
+      gelu_approximate=_HF_GELU_APPROXIMATE[act], qkv_bias=qkv_bias)
+  return _finish(kwargs, params, scan)
