@@ -5,7 +5,11 @@ the achieved FLOP/s and its ratio to this machine's measured float32 matmul peak
 times a forward+backward+optimizer step of timm or HF transformers on the same batch in the same run.
 
   python -m benchmarks.train_step --config=configs/vit_i1k.py --batch_size=4 --image_size=224 \
-      --reference=timm:vit_base_patch16_224
+      --reference=timm:vit_base_patch16_224 --config.model.dtype=float32 --config.model.scan=False \
+      --config.model.remat=False --config.model.dropout=0.0
+
+Any `--config.*` override applies. XLA's cost analysis counts the body of a loop once, so benchmark FLOPs
+with `--config.model.scan=False` (the step time itself is valid either way).
 """
 import statistics
 import time
@@ -112,7 +116,6 @@ def main(argv):
   del argv
   config = _CONFIG.value
   config.batch_size = config.eval_batch_size = _BATCH.value
-  config.model.dtype = config.model.get('dtype', 'float32')
   batch = synthetic_batch(_BATCH.value, _IMAGE.value, _CHANNELS.value, config.model.num_classes)
   peak = matmul_peak_flops()
   seconds, flops = time_jax(config, batch)
@@ -120,6 +123,9 @@ def main(argv):
   print(f'jax   {config.model_name}: {seconds * 1e3:.1f} ms/step | {_BATCH.value / seconds:.2f} examples/s | '
         f'{flops / 1e9:.2f} GFLOP/step (XLA) | {flops / seconds / 1e9:.1f} GFLOP/s | '
         f'{100 * flops / seconds / peak:.1f}% of peak')
+  if config.model.get('scan'):
+    print('note: the model is scanned; XLA counted one loop iteration, so FLOPs are undercounted '
+          '(rerun with --config.model.scan=False for the FLOP figures)')
   if _REFERENCE.value:
     ref = time_reference(_REFERENCE.value, config, batch)
     print(f'torch {_REFERENCE.value}: {ref * 1e3:.1f} ms/step | {_BATCH.value / ref:.2f} examples/s | '

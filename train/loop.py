@@ -181,7 +181,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict
             eval_metrics = evaluate(state['ema_params'] if fns.uses_ema else state['params'])
             record.update(eval_metrics)
             if process_index == 0:
-              print(f'step {step} | ' + ' | '.join(f'{k} {v:.4f}' for k, v in eval_metrics.items()), flush=True)
+              print(f'step {step} | ' + ' | '.join(f'{k} {v:.6g}' for k, v in eval_metrics.items()), flush=True)
           if record:
             writer.write(step, record)
           if step % config.checkpoint_every_steps == 0 or is_last:
