@@ -1,5 +1,6 @@
 """The shared loop end to end on the digits data: sharding equivalence, resume, preemption, NaN, eval."""
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -75,6 +76,20 @@ def test_meshes_match_one_device(one_device_run, digits_dir, tmp_path, mesh, exp
   losses = [m['train/loss'] for m in _train_metrics(str(tmp_path))]
   np.testing.assert_allclose(losses, [m['train/loss'] for m in metrics_1], rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), jax.device_get(params), params_1)
+
+
+def test_resume_onto_a_different_mesh_restores_into_its_shardings(digits_dir, tmp_path):
+  config = tiny_config(digits_dir, total_steps=4, checkpoint_every_steps=2, **MESH_TEST)
+  straight = jax.device_get(loop.train(config, str(tmp_path))['state']['params'])
+  # As if the run had died after its step-2 checkpoint; it resumes on an FSDP mesh instead of data=8.
+  shutil.rmtree(tmp_path / 'checkpoints' / '4')
+  config.mesh.data, config.mesh.fsdp = 2, 4
+  out = loop.train(config, str(tmp_path))
+  kernel = out['state']['params']['encoder']['block_0']['mlp']['fc1']['kernel']
+  assert kernel.sharding.spec[0] == 'fsdp' and kernel.addressable_shards[0].data.shape[0] == kernel.shape[0] // 4
+  assert [r['step'] for r in metrics_lib.read_metrics(str(tmp_path)) if 'train/loss' in r] == [1, 2, 3, 4]
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), jax.device_get(out['state']['params']),
+               straight)
 
 
 def test_eval_counts_each_example_once_and_ema(digits_dir, tmp_path):
