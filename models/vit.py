@@ -457,6 +457,19 @@ def _grid(n: int, grid_hw: Pair | None) -> tuple[int, int]:
   return side, side
 
 
+def _block(r: '_Reader', attn: Params, ln1: str, ln2: str, mlp: str) -> Params:
+  return {'ln1': r.layernorm(ln1), 'attn': attn, 'ln2': r.layernorm(ln2),
+          'mlp': {'fc1': r.linear(f'{mlp}.fc1'), 'fc2': r.linear(f'{mlp}.fc2')}}
+
+
+def _head(r: '_Reader', name: str, params: Params) -> int:
+  """Reads the classifier `name` into params['head'] if present; returns the class count (0 if not)."""
+  if f'{name}.weight' not in r:
+    return 0
+  params['head'] = r.linear(name)
+  return params['head']['kernel'].shape[1]
+
+
 def _finish(kwargs: dict[str, Any], params: Params, scan: bool) -> tuple[dict[str, Any], Params]:
   kwargs['scan'] = scan
   return kwargs, stack_layers(params) if scan else params
@@ -495,9 +508,7 @@ def from_timm(state_dict: Mapping[str, Any], num_heads: int, *, grid_hw: Pair | 
         dense['bias'] = qkv_b[j * width:(j + 1) * width]
       attn[name] = _heads(dense, num_heads)
     attn['out'] = _out_proj(r.linear(f'{p}.attn.proj'), num_heads)
-    enc[f'block_{depth}'] = {
-        'ln1': r.layernorm(f'{p}.norm1'), 'attn': attn, 'ln2': r.layernorm(f'{p}.norm2'),
-        'mlp': {'fc1': r.linear(f'{p}.mlp.fc1'), 'fc2': r.linear(f'{p}.mlp.fc2')}}
+    enc[f'block_{depth}'] = _block(r, attn, f'{p}.norm1', f'{p}.norm2', f'{p}.mlp')
     depth += 1
   enc['ln_final'] = r.layernorm('norm')
   params['encoder'] = enc
@@ -507,10 +518,7 @@ def from_timm(state_dict: Mapping[str, Any], num_heads: int, *, grid_hw: Pair | 
   if 'pre_logits.fc.weight' in r:
     params['pre_logits'] = r.linear('pre_logits.fc')
     representation_size = params['pre_logits']['kernel'].shape[1]
-  num_classes = 0
-  if 'head.weight' in r:
-    params['head'] = r.linear('head')
-    num_classes = params['head']['kernel'].shape[1]
+  num_classes = _head(r, 'head', params)
   r.done()
 
   kwargs = dict(
@@ -558,16 +566,10 @@ def from_hf(hf_config: Mapping[str, Any], state_dict: Mapping[str, Any], *,
         dense['bias'] = r(f'{p}.attention.{hf_name}.bias')
       attn[name] = _heads(dense, num_heads)
     attn['out'] = _out_proj(r.linear(f'{p}.attention.o_proj'), num_heads)
-    enc[f'block_{i}'] = {
-        'ln1': r.layernorm(f'{p}.layernorm_before'), 'attn': attn,
-        'ln2': r.layernorm(f'{p}.layernorm_after'),
-        'mlp': {'fc1': r.linear(f'{p}.mlp.fc1'), 'fc2': r.linear(f'{p}.mlp.fc2')}}
+    enc[f'block_{i}'] = _block(r, attn, f'{p}.layernorm_before', f'{p}.layernorm_after', f'{p}.mlp')
   enc['ln_final'] = r.layernorm(f'{prefix}layernorm')
   params['encoder'] = enc
-  num_classes = 0
-  if 'classifier.weight' in r:
-    params['head'] = r.linear('classifier')
-    num_classes = params['head']['kernel'].shape[1]
+  num_classes = _head(r, 'classifier', params)
   r.done()
 
   kwargs = dict(

@@ -60,14 +60,20 @@ def check_config(config, num_devices: int, process_count: int) -> tuple[int, ...
 
 
 class _StopFlag:
-  """Set by SIGTERM (a preemption notice); the loop saves and exits at the next step boundary."""
+  """Set by SIGTERM (a preemption notice); the loop saves and exits at the next step boundary.
 
-  def __init__(self):
+  Only for a single process: with several, a signal reaching one host must not make it leave the
+  collectives alone, so there JAX's preemption service (orbax's `reached_preemption`, synced across
+  hosts) is the only trigger.
+  """
+
+  def __init__(self, enabled: bool):
     self.requested = False
+    self.enabled = enabled
     self._previous = None
 
   def __enter__(self):
-    if threading.current_thread() is threading.main_thread():
+    if self.enabled and threading.current_thread() is threading.main_thread():
       self._previous = signal.signal(signal.SIGTERM, self._handle)
     return self
 
@@ -157,7 +163,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict
 
     preempted = False
     try:
-      with _StopFlag() as stop:
+      with _StopFlag(enabled=process_count == 1) as stop:
         while step < config.total_steps:
           if stop.requested or checkpointer.reached_preemption(step):
             if last_saved != step:

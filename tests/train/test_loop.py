@@ -123,8 +123,8 @@ def _env():
   return env
 
 
-RESUME_FLAGS = ('--config.total_steps=240', '--config.log_every_steps=10', '--config.eval_every_steps=80',
-                '--config.checkpoint_every_steps=40')
+RESUME_FLAGS = ('--config.total_steps=120', '--config.log_every_steps=5', '--config.eval_every_steps=40',
+                '--config.checkpoint_every_steps=20')
 
 
 def _final_params(workdir, step):
@@ -141,19 +141,19 @@ def test_kill_and_resume_equals_uninterrupted_run_bitwise(digits_dir, tmp_path):
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   deadline = time.time() + 240
   # kill -9 as soon as a checkpoint is complete, while the run is still going.
-  while not (killed / 'checkpoints' / '40' / '_CHECKPOINT_METADATA').exists():
+  while not (killed / 'checkpoints' / '20' / '_CHECKPOINT_METADATA').exists():
     assert victim.poll() is None and time.time() < deadline, 'the run ended before it could be killed'
     time.sleep(0.05)
   victim.send_signal(signal.SIGKILL)
   victim.wait()
-  assert not (killed / 'checkpoints' / '240').exists(), 'the run finished before the kill; lengthen it'
+  assert not (killed / 'checkpoints' / '120').exists(), 'the run finished before the kill; lengthen it'
   resumed = subprocess.run(_cli(killed, *RESUME_FLAGS, data_dir=digits_dir), cwd=REPO, env=_env(),
                            capture_output=True, text=True, timeout=300)
   assert resumed.returncode == 0, resumed.stderr[-2000:]
   assert 'resumed from' in resumed.stdout
   assert reference.wait(timeout=300) == 0
   assert _train_metrics(killed) == _train_metrics(straight)
-  a, b = _final_params(str(killed), 240), _final_params(str(straight), 240)
+  a, b = _final_params(str(killed), 120), _final_params(str(straight), 120)
   jax.tree.map(np.testing.assert_array_equal, a, b)
 
 
