@@ -84,10 +84,10 @@ def time_reference(spec: str, config, batch) -> float:
                             img_size=_IMAGE.value, in_chans=_CHANNELS.value)
   elif spec == 'hf_vit':
     import transformers
-    m = loop.build_model(config)
+    d = loop.build_model(config).dims()
     net = transformers.ViTForImageClassification(transformers.ViTConfig(
-        hidden_size=m.width, num_hidden_layers=m.depth, num_attention_heads=m.num_heads,
-        intermediate_size=m.mlp_dim, patch_size=m.patch_size, image_size=_IMAGE.value,
+        hidden_size=d['width'], num_hidden_layers=d['depth'], num_attention_heads=d['num_heads'],
+        intermediate_size=d['mlp_dim'], patch_size=d['patch_size'][0], image_size=_IMAGE.value,
         num_channels=_CHANNELS.value, num_labels=config.model.num_classes, attn_implementation='eager'))
   else:
     raise app.UsageError(f'--reference={spec!r}: use timm:MODEL_NAME or hf_vit.')
@@ -121,7 +121,7 @@ def main(argv):
   seconds, flops = time_jax(config, batch)
   print(f'device: {jax.devices()[0].device_kind} x{_DEVICES.value} | matmul peak {peak / 1e9:.1f} GFLOP/s (float32)')
   print(f'jax   {config.model_name}: {seconds * 1e3:.1f} ms/step | {_BATCH.value / seconds:.2f} examples/s | '
-        f'{flops / 1e9:.2f} GFLOP/step (XLA) | {flops / seconds / 1e9:.1f} GFLOP/s | '
+        f'{flops / 1e9:.4g} GFLOP/step (XLA) | {flops / seconds / 1e9:.1f} GFLOP/s | '
         f'{100 * flops / seconds / peak:.1f}% of peak')
   if config.model.get('scan'):
     print('note: the model is scanned; XLA counted one loop iteration, so FLOPs are undercounted '

@@ -1,0 +1,23 @@
+"""The benchmark script runs end to end and prints its figures (a smoke test, no timing asserted)."""
+import os
+import re
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def test_benchmark_prints_jax_and_reference_figures():
+  cmd = [sys.executable, '-m', 'benchmarks.train_step', '--config=configs/vit_digits.py', '--batch_size=4',
+         '--image_size=8', '--channels=1', '--steps=2', '--reference=hf_vit']
+  env = dict(os.environ, JAX_NUM_CPU_DEVICES='1', JAX_PLATFORMS='cpu')
+  out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  jax_line = re.search(r'jax   vit: ([\d.]+) ms/step \| ([\d.]+) examples/s \| ([\d.e+-]+) GFLOP/step', out.stdout)
+  assert jax_line and float(jax_line.group(3)) > 0, out.stdout
+  # The analytic forward FLOPs of this 4-block, width-64 ViT on 16 tokens, x3 for the backward pass,
+  # bound XLA's count from below (XLA adds the optimizer, norms and softmax on top).
+  tokens, width, mlp, depth, batch = 16, 64, 128, 4, 4
+  forward = batch * depth * (2 * tokens * (4 * width * width + 2 * width * mlp) + 4 * tokens * tokens * width)
+  assert 3 * forward / 1e9 <= float(jax_line.group(3)) <= 2 * 3 * forward / 1e9
+  assert re.search(r'torch hf_vit: [\d.]+ ms/step', out.stdout), out.stdout
