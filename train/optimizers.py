@@ -52,8 +52,47 @@ def make_schedule(schedule_config: Mapping[str, Any], total_steps: int) -> optax
   return optax.join_schedules([optax.linear_schedule(0.0, base, warmup), after], [warmup])
 
 
+def _fan_in_axes(ndim: int) -> tuple[int, ...] | None:
+  """Axes over which one output unit's weights are summed: a unit is a slice along the last axis of a
+  Dense (in, out) / (in, heads, head_dim) kernel or an HWIO conv kernel; a vector or scalar is one unit."""
+  if ndim <= 1:
+    return None
+  if ndim in (2, 3):
+    return (0,)
+  if ndim == 4:
+    return (0, 1, 2)
+  raise ValueError(f'adaptive gradient clipping has no unit-wise norm for a rank-{ndim} parameter; '
+                   'exclude it with optimizer.agc_exclude_params.')
+
+
+def unitwise_norm(x: jax.Array) -> jax.Array:
+  axes = _fan_in_axes(x.ndim)
+  return jnp.sqrt(jnp.sum(jnp.square(x), axis=axes, keepdims=axes is not None))
+
+
+def adaptive_grad_clip(clip: float, eps: float, mask) -> optax.GradientTransformation:
+  """AGC (Brock et al. 2021): a unit's gradient G_i is scaled down to clip * max(||W_i||, eps) when
+  larger; `mask` (a tree of bools like the params) says which parameters are clipped."""
+
+  def update(updates, state, params):
+    if params is None:
+      raise ValueError('adaptive gradient clipping needs the parameters in update().')
+
+    def clip_one(g, p, clipped):
+      if not clipped:
+        return g
+      max_norm = clip * jnp.maximum(unitwise_norm(p), eps)
+      g_norm = unitwise_norm(g)
+      scaled = g * (max_norm / jnp.maximum(g_norm, 1e-6))
+      return jnp.where(g_norm > max_norm, scaled, g).astype(g.dtype)
+
+    return jax.tree.map(clip_one, updates, params, mask), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
 def make_optimizer(optimizer_config: Mapping[str, Any], schedule: optax.Schedule, params) -> optax.GradientTransformation:
-  """Gradient clipping -> (coupled decay) -> optimizer -> freezing, all chosen by the config."""
+  """Gradient clipping (global norm, adaptive) -> (coupled decay) -> optimizer -> freezing, by config."""
   c = optimizer_config
   name = c['name']
   wd = float(c.get('weight_decay', 0.0) or 0.0)
@@ -61,6 +100,10 @@ def make_optimizer(optimizer_config: Mapping[str, Any], schedule: optax.Schedule
   chain = []
   if c.get('grad_clip_norm'):
     chain.append(optax.clip_by_global_norm(float(c['grad_clip_norm'])))
+  if c.get('agc_clip'):
+    excluded = regex_mask(params, c.get('agc_exclude_params', None))
+    chain.append(adaptive_grad_clip(float(c['agc_clip']), float(c.get('agc_eps', 1e-3)),
+                                    jax.tree.map(lambda e: not e, excluded)))
   if name == 'adamw':
     # Decoupled decay, scaled by the learning rate as in Loshchilov & Hutter.
     chain.append(optax.adamw(schedule, b1=c.get('b1', 0.9), b2=c.get('b2', 0.999), eps=c.get('eps', 1e-8),

@@ -27,10 +27,11 @@ class Classification:
     return batch[self.input_key][:1]
 
   def _targets(self, batch, num_classes):
-    if 'labels' in batch:
-      return batch['labels'].astype(jnp.float32)
-    onehot = jax.nn.one_hot(batch['label'], num_classes, dtype=jnp.float32)
-    return optax.smooth_labels(onehot, self.label_smoothing) if self.label_smoothing else onehot
+    if 'labels' in batch:  # Soft labels, e.g. one-hot from the pipeline or mixed by MixUp/CutMix.
+      targets = batch['labels'].astype(jnp.float32)
+    else:
+      targets = jax.nn.one_hot(batch['label'], num_classes, dtype=jnp.float32)
+    return optax.smooth_labels(targets, self.label_smoothing) if self.label_smoothing else targets
 
   def loss(self, model, params, batch, rng, train: bool):
     logits = model.apply({'params': params}, batch[self.input_key], train=train, rngs={'dropout': rng})

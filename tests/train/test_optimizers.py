@@ -79,3 +79,58 @@ def test_ema_decay_warmup_formula():
   assert float(optimizers.ema_decay_at({'ema_decay': 0.99}, 0)) == pytest.approx(0.99)
   ema = optimizers.ema_update({'w': jnp.array(1.0)}, {'w': jnp.array(3.0)}, 0.75)
   np.testing.assert_allclose(ema['w'], 0.75 * 1.0 + 0.25 * 3.0)
+
+
+def _numpy_agc(g, p, clip, eps):
+  """Adaptive gradient clipping written out directly from the paper's formula, unit by unit."""
+  g, p = np.asarray(g, np.float64), np.asarray(p, np.float64)
+  if g.ndim <= 1:
+    units = [(slice(None),)]
+  else:
+    units = [(..., i) for i in range(g.shape[-1])]
+  out = g.copy()
+  for u in units:
+    g_norm = np.sqrt((g[u] ** 2).sum())
+    max_norm = clip * max(np.sqrt((p[u] ** 2).sum()), eps)
+    if g_norm > max_norm:
+      out[u] = g[u] * max_norm / g_norm
+  return out
+
+
+def test_adaptive_grad_clip_matches_formula_and_excludes_classifier():
+  rng = np.random.default_rng(0)
+  params = {'conv': {'kernel': rng.normal(size=(3, 3, 4, 6)).astype(np.float32),
+                     'gain': rng.normal(size=(6,)).astype(np.float32)},
+            'skip_gain': np.float32(0.0),
+            'head': {'kernel': rng.normal(size=(6, 5)).astype(np.float32), 'bias': np.zeros(5, np.float32)}}
+  grads = jax.tree.map(lambda p: rng.normal(size=np.shape(p)).astype(np.float32), params)
+  # Shrink some units' gradients so that both clipped and unclipped units occur.
+  grads['conv']['kernel'][..., :3] *= 1e-3
+  grads['head']['kernel'] *= 100.0
+  config = {'name': 'sgd', 'momentum': 0.0, 'agc_clip': 0.01, 'agc_eps': 1e-3,
+            'agc_exclude_params': r'head/kernel'}
+  tx = optimizers.make_optimizer(config, lambda step: 1.0, params)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  clipped = jax.tree.map(lambda u: -np.asarray(u), updates)
+  for path in (('conv', 'kernel'), ('conv', 'gain'), ('head', 'bias')):
+    g, p, got = grads, params, clipped
+    for k in path:
+      g, p, got = g[k], p[k], got[k]
+    np.testing.assert_allclose(got, _numpy_agc(g, p, 0.01, 1e-3), rtol=1e-5, atol=1e-9)
+  # Units 0-2 of the conv kernel are under the bound (unchanged), units 3-5 over it (scaled down).
+  np.testing.assert_array_equal(clipped['conv']['kernel'][..., :3], grads['conv']['kernel'][..., :3])
+  assert not np.allclose(clipped['conv']['kernel'][..., 3:], grads['conv']['kernel'][..., 3:])
+  # The zero skip gain is clipped to clip * eps; the excluded classifier weight passes through untouched.
+  np.testing.assert_allclose(abs(clipped['skip_gain']), 0.01 * 1e-3, rtol=1e-5)
+  np.testing.assert_array_equal(clipped['head']['kernel'], grads['head']['kernel'])
+
+
+def test_agc_comes_before_coupled_weight_decay():
+  params = {'w': jnp.full((2, 2), 2.0)}
+  grads = {'w': jnp.full((2, 2), 100.0)}
+  config = {'name': 'sgd', 'momentum': 0.0, 'agc_clip': 0.01, 'weight_decay': 0.5, 'weight_decay_params': '.*'}
+  tx = optimizers.make_optimizer(config, lambda step: 1.0, params)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  # Each column: ||W_i|| = 2*sqrt(2), clipped gradient norm 0.01 * that; then + 0.5 * w.
+  clipped = 100.0 * (0.01 * 2 * np.sqrt(2)) / (100.0 * np.sqrt(2))
+  np.testing.assert_allclose(updates['w'], -(clipped + 0.5 * 2.0), rtol=1e-5)
