@@ -80,8 +80,11 @@ def time_reference(spec: str, config, batch) -> float:
   torch.manual_seed(0)
   if spec.startswith('timm:'):
     import timm
-    net = timm.create_model(spec[5:], pretrained=False, num_classes=config.model.num_classes,
-                            img_size=_IMAGE.value, in_chans=_CHANNELS.value)
+    kwargs = dict(pretrained=False, num_classes=config.model.num_classes, in_chans=_CHANNELS.value)
+    try:  # Transformers fix their input size at construction; convnets take none.
+      net = timm.create_model(spec[5:], img_size=_IMAGE.value, **kwargs)
+    except TypeError:
+      net = timm.create_model(spec[5:], **kwargs)
   elif spec == 'hf_vit':
     import transformers
     d = loop.build_model(config).dims()

@@ -44,6 +44,10 @@ def sharding_rules(**overrides) -> ml_collections.ConfigDict:
       'head_dim': '',
       'classes': '',
       'layers': '',
+      # Convolutions: output channels over fsdp (a no-op at the default fsdp=1), activations replicated.
+      'conv_in': '',
+      'conv_out': 'fsdp',
+      'act_conv': '',
   }
   rules.update(overrides)
   return ml_collections.ConfigDict(rules)

@@ -23,6 +23,8 @@ import io
 
 import numpy as np
 
+from . import randaugment as _randaugment
+
 _OPS = {}
 
 
@@ -212,6 +214,117 @@ def random_crop(size, key='image'):
   return fn
 
 
+def inception_crop_box(height: int, width: int, rng: np.random.Generator, area_min=0.08,
+                       area_max=1.0, aspect_min=3 / 4, aspect_max=4 / 3, min_object_covered=0.1,
+                       max_attempts=10) -> tuple[int, int, int, int] | None:
+  """(top, left, h, w) sampled like tf.image.sample_distorted_bounding_box on the whole image.
+
+  Per attempt: aspect ratio a = w / h uniform in [aspect_min, aspect_max] (uniform, not log-uniform,
+  in TF); h uniform over the integers from rint(sqrt(area_min * H * W / a)) to
+  max_h = rint(sqrt(area_max * H * W / a)), max_h first lowered until rint(max_h * a) <= W and
+  max_h <= H; w = rint(h * a) (rint rounds half to even); one step of h +- 1 repairs a rounding that
+  left w * h outside the area range. The attempt fails if the area is still outside [area_min, area_max] * H * W or below
+  min_object_covered * H * W (the reference's overlap constraint with the whole-image box).
+  Offsets are uniform in [0, H - h) and [0, W - w) (TF's exclusive bound: a crop never touches the
+  bottom or right edge unless it spans that axis). Returns None when all `max_attempts` fail.
+  """
+  total = height * width
+  min_area, max_area = area_min * total, area_max * total
+  for _ in range(max_attempts):
+    aspect = aspect_min + rng.random() * (aspect_max - aspect_min)
+    h = int(np.rint(np.sqrt(min_area / aspect)))
+    max_h = int(np.rint(np.sqrt(max_area / aspect)))
+    if np.rint(max_h * aspect) > width:
+      max_h = int((width + 0.5 - 1e-7) / aspect)
+      if np.rint(max_h * aspect) > width:
+        max_h -= 1
+    max_h = min(max_h, height)
+    h = min(h, max_h)
+    if h < max_h:
+      h += int(rng.integers(max_h - h + 1))
+    w = int(np.rint(h * aspect))
+    if w * h < min_area:
+      h += 1
+      w = int(np.rint(h * aspect))
+    if w * h > max_area:
+      h -= 1
+      w = int(np.rint(h * aspect))
+    area = w * h
+    if (area < min_area or area > max_area or area < min_object_covered * total or
+        not (0 < h <= height and 0 < w <= width)):
+      continue
+    top = int(rng.integers(height - h)) if h < height else 0
+    left = int(rng.integers(width - w)) if w < width else 0
+    return top, left, h, w
+  return None
+
+
+def padded_central_box(height: int, width: int, size, pad: int) -> tuple[int, int, int, int]:
+  """(top, left, h, w): the central window of the output's aspect ratio, scaled by
+  s = min(H / (size_h + pad), W / (size_w + pad)): h = floor(s * size_h), w = floor(s * size_w),
+  offsets rounded up (the reference's eval crop; pad 0 gives the largest such window)."""
+  sh, sw = _hw(size)
+  if height * (sw + pad) <= width * (sh + pad):
+    h, w = height * sh // (sh + pad), height * sw // (sh + pad)
+  else:
+    h, w = width * sh // (sw + pad), width * sw // (sw + pad)
+  h, w = max(1, min(h, height)), max(1, min(w, width))
+  return (height - h + 1) // 2, (width - w + 1) // 2, h, w
+
+
+@register
+def inception_crop(size, area_min=0.08, area_max=1.0, aspect_min=3 / 4, aspect_max=4 / 3,
+                   min_object_covered=0.1, max_attempts=10, fallback_pad=32, antialias=False,
+                   key='image'):
+  """Random-resized ("Inception") crop as in the NFNet reference, then bilinear resize to `size`.
+
+  The box comes from `inception_crop_box` (TF's sample_distorted_bounding_box; the defaults are the
+  reference's). If every attempt fails, or the box is the whole image (the reference cannot tell
+  the two apart), the crop is `padded_central_box(size, fallback_pad)`: the reference's eval crop,
+  a fraction size / (size + 32) of the shorter side. Use fallback_pad=0 on images not much larger
+  than `size` (on an 8x8 image with size 8, pad 32 would leave a single pixel).
+  """
+  _hw(size)
+  if not 0 < area_min <= area_max <= 1:
+    raise ValueError(f'need 0 < area_min <= area_max <= 1, got {area_min}, {area_max}')
+  if not 0 < aspect_min <= aspect_max:
+    raise ValueError(f'need 0 < aspect_min <= aspect_max, got {aspect_min}, {aspect_max}')
+  if not (isinstance(max_attempts, int) and max_attempts > 0) or fallback_pad < 0:
+    raise ValueError(f'need max_attempts >= 1 and fallback_pad >= 0, got {max_attempts}, '
+                     f'{fallback_pad}')
+  def fn(ex, rng):
+    img = ex[key]
+    height, width = img.shape[:2]
+    box = inception_crop_box(height, width, rng, area_min, area_max, aspect_min, aspect_max,
+                             min_object_covered, max_attempts)
+    if box is None or box[2:] == (height, width):
+      box = padded_central_box(height, width, size, fallback_pad)
+    return {**ex, key: resize_image(_crop(img, *box), size, antialias)}
+  return fn
+
+
+@register
+def randaugment(num_layers, magnitude, translate_const=100, cutout_const=40, key='image'):
+  """RandAugment with the reference's 16 ops (see `randaugment.py`): `num_layers` uniformly chosen
+  ops, each always applied at the fixed `magnitude` (10 = the reference's maximum level; larger
+  extrapolates). Translate and Cutout sizes are in pixels: translate_const * magnitude / 10 and a
+  square of side up to 2 * int(cutout_const * magnitude / 10). Takes uint8 or 0..255 images with 1
+  or 3 channels; non-uint8 input is clipped and truncated to uint8 first and returned as float32.
+  """
+  if not (isinstance(num_layers, int) and num_layers >= 0):
+    raise ValueError(f'num_layers must be an int >= 0, got {num_layers!r}')
+  if not (isinstance(magnitude, (int, float)) and magnitude >= 0):
+    raise ValueError(f'magnitude must be a number >= 0, got {magnitude!r}')
+  if translate_const < 0 or cutout_const < 0:
+    raise ValueError(f'translate_const and cutout_const must be >= 0, got {translate_const}, '
+                     f'{cutout_const}')
+  def fn(ex, rng):
+    img = np.asarray(ex[key])
+    out = _randaugment.distort(img, num_layers, magnitude, rng, translate_const, cutout_const)
+    return {**ex, key: out if img.dtype == np.uint8 else out.astype(np.float32)}
+  return fn
+
+
 @register
 def flip_lr(key='image'):
   """Mirrors the image left-right with probability 0.5."""
@@ -228,6 +341,15 @@ def value_range(lo, hi, in_lo=0, in_hi=255, clip=False, key='image'):
     x = (np.asarray(ex[key], np.float32) - in_lo) * np.float32(scale) + np.float32(lo)
     return {**ex, key: np.clip(x, min(lo, hi), max(lo, hi)) if clip else x}
   return fn
+
+
+@register
+def standardize(mean, std, key='image'):
+  """(x - mean) / std in float32; mean and std are scalars or per-channel sequences."""
+  mean, std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
+  if mean.ndim > 1 or std.ndim > 1 or np.any(std == 0):
+    raise ValueError(f'mean and std must be scalars or 1-D, std nonzero; got {mean}, {std}')
+  return lambda ex, rng: {**ex, key: (np.asarray(ex[key], np.float32) - mean) / std}
 
 
 @register

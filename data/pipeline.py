@@ -7,9 +7,26 @@ Config (`ml_collections.ConfigDict` or plain dict) fields and defaults:
   pp_train     ''               pp_eval     ''       (pp strings, see `image_ops`)
   shuffle      True             (training only)
   num_threads  4                prefetch    4        (grain ReadOptions; prefetch counts batches)
+  mix          None             (training only: MixUp/CutMix, see below)
 
 Batches are dicts of numpy arrays with the local batch first: int64 -> int32, float64 -> float32,
 and `image` always float32. Training batches have no `mask`; eval batches carry `mask` (bool).
+
+Mixing (`mix`, None or absent = off; a dict or ConfigDict, whose absent fields take the defaults):
+  mixup_alpha  0.2    Beta(alpha, alpha) MixUp on the first half of each batch (None or 0: off)
+  cutmix_alpha 1.0    CutMix on the second half (None or 0: off; at least one must be on)
+  pp_after     ''     pp string applied to each example AFTER mixing
+It follows the NFNet reference (`mixing.mix_batch`): each training batch of B examples is mixed from
+2B fresh preprocessed examples, pairing distinct examples with a lambda per example, so an epoch of
+the data takes half as many steps as without mixing. pp_train must give float-able `image`s of one
+shape and soft `labels` ([classes], e.g. `onehot`); mixed labels are lam * y_a + (1 - lam) * y_b and
+still sum to one; other keys (e.g. `label`) keep the value of the example weighted lam. The
+reference applies RandAugment and normalisation after mixing (its NFNet config sets
+augment_before_mix=False); to reproduce that, leave pp_train in 0..255 and put them in pp_after:
+  pp_train='decode|inception_crop(224)|flip_lr|onehot(1000)|keep("image", "labels")',
+  mix=dict(mixup_alpha=0.2, cutmix_alpha=1.0, pp_after='randaugment(4, 10)|value_range(-1, 1)')
+The mixing randomness, and each pp_after example's, is seeded from (seed, process_index, batch
+index), so get_state/set_state resume exactly.
 """
 from collections.abc import Callable, Iterator, Sequence
 import os
@@ -21,6 +38,7 @@ from tensorflow_datasets.core import file_adapters
 
 from . import digits
 from . import image_ops
+from . import mixing
 
 # Offline builders of this package, prepared on first use.
 OWN_BUILDERS = (digits.Digits.name,)
@@ -116,6 +134,44 @@ class _PrepareWithMask(_Prepare):
     return {**super().__call__(record, rng), 'mask': np.bool_(is_real)}
 
 
+_MIX_DEFAULTS = dict(mixup_alpha=0.2, cutmix_alpha=1.0, pp_after='')
+
+
+def _mix_config(config) -> dict | None:
+  mix = config.get('mix', None)
+  if mix is None:
+    return None
+  mix = dict(mix.to_dict() if hasattr(mix, 'to_dict') else mix)
+  unknown = sorted(set(mix) - set(_MIX_DEFAULTS))
+  if unknown:
+    raise ValueError(f'Unknown mix field(s) {unknown}; known: {sorted(_MIX_DEFAULTS)}.')
+  mix = {**_MIX_DEFAULTS, **mix}
+  if not (mix['mixup_alpha'] or mix['cutmix_alpha']):
+    raise ValueError('mix needs mixup_alpha or cutmix_alpha > 0 (or mix=None for no mixing).')
+  return mix
+
+
+def _stack(examples: list[dict]) -> dict:
+  return {k: np.stack([ex[k] for ex in examples]) for k in examples[0]}
+
+
+class _Mix:
+  """Mixes a batch of 2B into B (`mixing.mix_batch`), then runs `pp_after` on every example."""
+
+  def __init__(self, mixup_alpha, cutmix_alpha, pp_after):
+    self.alphas = mixup_alpha, cutmix_alpha
+    self.pp_after = _Prepare(pp_after) if pp_after and pp_after.strip() else None
+
+  def __call__(self, batch, rng):
+    batch = mixing.mix_batch(batch, rng, *self.alphas)
+    if self.pp_after is None:
+      return _finalize(batch)
+    n = len(batch['image'])
+    seeds = rng.integers(2**63, size=n)
+    return _stack([self.pp_after({k: v[i] for k, v in batch.items()}, np.random.default_rng(s))
+                   for i, s in enumerate(seeds)])
+
+
 def _read_options(config) -> grain.ReadOptions:
   return grain.ReadOptions(num_threads=_cfg(config, 'num_threads'),
                            prefetch_buffer_size=_cfg(config, 'prefetch'))
@@ -126,9 +182,9 @@ def make_train_iter(data_config, *, global_batch_size: int, seed: int, process_i
   """Infinite, checkpointable iterator of local training batches (this process's data slice).
 
   Each epoch of the slice is reshuffled (grain folds the epoch into the shuffle seed) and every
-  example's augmentation RNG is derived from (seed, process_index, position in the stream), so
-  `get_state`/`set_state` (or grain.checkpoint.CheckpointSave/Restore) resume exactly. Batches may
-  span epoch boundaries.
+  example's augmentation RNG is derived from (seed, process_index, position in the stream), and the
+  mixing RNG (with `mix`) from (seed, process_index, batch index), so `get_state`/`set_state` (or
+  grain.checkpoint.CheckpointSave/Restore) resume exactly. Batches may span epoch boundaries.
   """
   batch_size = _local_batch_size(global_batch_size, process_count)
   src = get_source(_cfg(data_config, 'name'), _cfg(data_config, 'train_split'),
@@ -136,13 +192,17 @@ def make_train_iter(data_config, *, global_batch_size: int, seed: int, process_i
   lo, hi = _process_bounds(len(src), process_index, process_count)
   if hi == lo:
     raise ValueError(f'Process {process_index} of {process_count} gets no training examples.')
-  shuffle_seed, pp_seed = (int(s) for s in np.random.SeedSequence(
-      [seed, process_index]).generate_state(2))
+  mix = _mix_config(data_config)
+  shuffle_seed, pp_seed, mix_seed = (int(s) for s in np.random.SeedSequence(
+      [seed, process_index]).generate_state(3))
   ds = grain.MapDataset.source(src)[lo:hi]
   if _cfg(data_config, 'shuffle'):
     ds = ds.shuffle(seed=shuffle_seed)
   ds = ds.repeat().random_map(_Prepare(_cfg(data_config, 'pp_train')), seed=pp_seed)
-  ds = ds.batch(batch_size, drop_remainder=True)
+  if mix is None:
+    ds = ds.batch(batch_size, drop_remainder=True)
+  else:  # Each output example mixes two fresh ones (as in the NFNet reference).
+    ds = ds.batch(2 * batch_size, drop_remainder=True).random_map(_Mix(**mix), seed=mix_seed)
   return iter(ds.to_iter_dataset(_read_options(data_config)))
 
 

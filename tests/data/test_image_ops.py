@@ -180,3 +180,81 @@ def test_registering_an_op_makes_it_available_and_picklable():
     assert 'add_const' in image_ops.known_ops()
   finally:
     del image_ops._OPS['add_const']  # pylint: disable=protected-access
+
+
+def crop_boxes(n, h=120, w=160, seed=0, **kw):
+  rng = np.random.default_rng(seed)
+  return np.array([image_ops.inception_crop_box(h, w, rng, **kw) for _ in range(n)])
+
+
+def test_inception_crop_boxes_respect_area_aspect_and_image_bounds():
+  boxes = crop_boxes(3000)
+  top, left, h, w = boxes.T
+  area, aspect = h * w / (120 * 160), w / h
+  assert np.all((top >= 0) & (left >= 0) & (top + h <= 120) & (left + w <= 160))
+  # min_object_covered=0.1 (the reference's) raises the 0.08 area floor to 0.1.
+  assert area.min() >= 0.1 and area.max() <= 1.0
+  assert area.min() < 0.12 and area.max() > 0.9
+  # w = rint(a * h) with a in [3/4, 4/3]: the ratio is off by at most 0.5 / h.
+  assert np.all(aspect >= 0.75 - 0.5 / h) and np.all(aspect <= 4 / 3 + 0.5 / h)
+  assert aspect.min() < 0.77 and aspect.max() > 1.31
+  # TF draws the aspect ratio uniformly: P(a < 1) = 0.25 / (4/3 - 3/4) = 0.43 (log-uniform: 0.5).
+  assert 0.37 < np.mean(aspect < 1) < 0.47
+  # Offsets are uniform in [0, H - h): a crop narrower than the image never touches the right edge.
+  assert np.all((left + w < 160) | (w == 160)) and np.any(left + w == 159)
+  low = crop_boxes(3000, min_object_covered=0.0)
+  assert 0.08 <= (low[:, 2] * low[:, 3]).min() / (120 * 160) < 0.09
+
+
+def test_inception_crop_is_the_resized_sampled_box_and_follows_the_rng():
+  img = np.random.default_rng(0).uniform(0, 255, (40, 60, 3)).astype(np.float32)
+  for seed in range(20):
+    out = run('inception_crop((16, 24), fallback_pad=0)', {'image': img}, seed=seed)['image']
+    top, left, h, w = image_ops.inception_crop_box(40, 60, np.random.default_rng(seed))
+    assert out.shape == (16, 24, 3) and out.dtype == np.float32
+    np.testing.assert_array_equal(
+        out, image_ops.resize_image(img[top:top + h, left:left + w], (16, 24)))
+    np.testing.assert_array_equal(
+        out, run('inception_crop((16, 24), fallback_pad=0)', {'image': img}, seed=seed)['image'])
+  digit = np.random.default_rng(1).integers(0, 256, (8, 8, 1), dtype=np.uint8)
+  outs = [run('inception_crop(8, fallback_pad=0)', {'image': digit}, seed=s)['image']
+          for s in range(50)]
+  assert all(o.shape == (8, 8, 1) and o.dtype == np.uint8 for o in outs)
+  assert len({o.tobytes() for o in outs}) > 25  # 8x8 has few distinct crops.
+
+
+def test_inception_crop_falls_back_to_the_padded_central_crop():
+  img = np.random.default_rng(0).uniform(0, 255, (64, 64, 1)).astype(np.float32)
+  # Aspect 4 with at least 90% of a square image's area cannot fit: every attempt fails.
+  assert image_ops.inception_crop_box(64, 64, np.random.default_rng(0), area_min=0.9,
+                                      aspect_min=4.0, aspect_max=4.0) is None
+  out = run('inception_crop(16, area_min=0.9, aspect_min=4.0, aspect_max=4.0, fallback_pad=16)',
+            {'image': img})['image']
+  # s = 64 / (16 + 16) = 2: the central 32x32, as the reference's eval crop would take.
+  np.testing.assert_array_equal(out, image_ops.resize_image(img[16:48, 16:48], 16))
+  assert image_ops.padded_central_box(256, 320, 224, 32) == (16, 48, 224, 224)
+  assert image_ops.padded_central_box(8, 8, 8, 0) == (0, 0, 8, 8)
+  assert image_ops.padded_central_box(8, 8, 8, 32) == (4, 4, 1, 1)
+
+
+def test_eval_squash_resize_then_central_crop_compose():
+  img = np.random.default_rng(0).uniform(0, 255, (50, 70, 3)).astype(np.float32)
+  out = run('resize(40)|central_crop(32)', {'image': img})['image']  # S + 32 squash, centre S.
+  np.testing.assert_array_equal(out, image_ops.resize_image(img, 40)[4:36, 4:36])
+
+
+def test_standardize():
+  img = np.array([[[10, 20, 30]]], np.uint8)
+  out = run('standardize((1.0, 2.0, 3.0), (3.0, 6.0, 9.0))', {'image': img})['image']
+  assert out.dtype == np.float32
+  np.testing.assert_allclose(out[0, 0], [3.0, 3.0, 3.0])
+  np.testing.assert_allclose(run('standardize(5, 5)', {'image': img})['image'][0, 0], [1, 3, 5])
+
+
+@pytest.mark.parametrize('spec', [
+    'inception_crop(8, area_min=0.5, area_max=0.4)', 'inception_crop(8, aspect_min=0)',
+    'inception_crop(8, max_attempts=0)', 'standardize(0, 0)'])
+def test_bad_crop_and_standardize_arguments_raise_one_line_value_errors(spec):
+  with pytest.raises(ValueError, match='Bad arguments') as e:
+    image_ops.Preprocess(spec)
+  assert '\n' not in str(e.value)

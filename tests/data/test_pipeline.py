@@ -205,3 +205,74 @@ def test_pipeline_never_imports_tensorflow(tmp_path):
 def test_train_iter_is_infinite(digits_dir):
   it = pipeline.make_train_iter(config(digits_dir), global_batch_size=500, seed=0)
   assert len(list(itertools.islice(it, 10))) == 10  # 5000 examples > 3 epochs.
+
+
+MIX_PP = 'random_crop(6)|resize(8)|flip_lr|onehot(10)'
+RA_AFTER = 'randaugment(2, 9, translate_const=3, cutout_const=2)|value_range(-1, 1)'
+
+
+def test_mix_gives_soft_labels_summing_to_one_from_two_fresh_examples_each(digits_dir):
+  src = pipeline.get_source('digits', 'train', digits_dir)
+  cfg = config(digits_dir, shuffle=False, pp_train='onehot(10)', mix=dict())  # Reference defaults.
+  b0, b1 = take(pipeline.make_train_iter(cfg, global_batch_size=16, seed=0), 2)
+  assert sorted(b0) == ['image', 'label', 'labels']
+  assert b0['image'].shape == (16, 8, 8, 1) and b0['labels'].shape == (16, 10)
+  for b in (b0, b1):
+    np.testing.assert_allclose(b['labels'].sum(-1), 1.0, rtol=1e-6)
+    assert 0 <= b['image'].min() and b['image'].max() <= 255
+  assert np.mean(b0['labels'].max(-1) < 0.999) > 0.5  # Mostly mixed.
+  # Batch k mixes source examples [32k, 32k + 32): MixUp (0..7 with 8..15), CutMix (16..23, 24..31);
+  # `label` keeps the first of each pair.
+  labels = np.array([src[i]['label'] for i in range(64)])
+  np.testing.assert_array_equal(b0['label'], np.concatenate([labels[0:8], labels[16:24]]))
+  np.testing.assert_array_equal(b1['label'], np.concatenate([labels[32:40], labels[48:56]]))
+  image = np.asarray(src[0]['image'], np.float32)
+  partner = np.asarray(src[8]['image'], np.float32)
+  assert labels[0] != labels[8]  # So the labels tell lambda: the image must use the same one.
+  lam = b0['labels'][0, labels[0]]
+  np.testing.assert_allclose(b0['image'][0], lam * image + (1 - lam) * partner, atol=1e-3)
+
+
+def test_mix_pp_after_runs_on_the_mixed_examples(digits_dir):
+  cfg = config(digits_dir, pp_train=MIX_PP,
+               mix=dict(mixup_alpha=0.2, cutmix_alpha=1.0, pp_after=RA_AFTER))
+  b = next(pipeline.make_train_iter(cfg, global_batch_size=16, seed=0))
+  assert b['image'].dtype == np.float32 and b['image'].shape == (16, 8, 8, 1)
+  assert -1 <= b['image'].min() and b['image'].max() <= 1 and b['image'].min() < 0
+  np.testing.assert_allclose(b['labels'].sum(-1), 1.0, rtol=1e-6)
+
+
+def test_mix_none_is_off(digits_dir):
+  a = take(pipeline.make_train_iter(config(digits_dir, pp_train=MIX_PP), global_batch_size=8,
+                                    seed=0), 2)
+  b = take(pipeline.make_train_iter(config(digits_dir, pp_train=MIX_PP, mix=None),
+                                    global_batch_size=8, seed=0), 2)
+  assert_same_batches(a, b)
+
+
+@pytest.mark.parametrize('k', [2, 12])  # 12 * 2 * 64 > 1437: the resumed part crosses an epoch.
+def test_restoring_state_with_mixing_resumes_with_the_same_batches(digits_dir, k):
+  cfg = config(digits_dir, pp_train=MIX_PP, num_threads=2, prefetch=3,
+               mix=dict(mixup_alpha=0.4, cutmix_alpha=1.0, pp_after=RA_AFTER))
+  it = pipeline.make_train_iter(cfg, global_batch_size=64, seed=1)
+  take(it, k)
+  state = it.get_state()
+  expected = take(it, 4)
+  fresh = pipeline.make_train_iter(cfg, global_batch_size=64, seed=1)
+  fresh.set_state(state)
+  assert_same_batches(take(fresh, 4), expected)
+  other_seed = take(pipeline.make_train_iter(cfg, global_batch_size=64, seed=2), 1)[0]
+  assert not np.array_equal(other_seed['labels'], take(
+      pipeline.make_train_iter(cfg, global_batch_size=64, seed=1), 1)[0]['labels'])
+
+
+@pytest.mark.parametrize('mix,match', [
+    (dict(mixup=0.2), r"Unknown mix field\(s\) \['mixup'\]"),
+    (dict(mixup_alpha=0, cutmix_alpha=None), 'mixup_alpha or cutmix_alpha'),
+    (dict(pp_after='no_such_op'), "Unknown pp op 'no_such_op'"),
+])
+def test_bad_mix_config_raises_one_line_value_error(digits_dir, mix, match):
+  with pytest.raises(ValueError, match=match) as e:
+    pipeline.make_train_iter(config(digits_dir, pp_train='onehot(10)', mix=mix),
+                             global_batch_size=8, seed=0)
+  assert '\n' not in str(e.value)
