@@ -46,7 +46,8 @@ def get_config(arg=None):
   c.seed = 0
   c.model_name = 'nfnet'
   c.model = dict(variant=arg.variant, num_classes=1000, dropout=dropout, stochastic_depth=0.25,
-                 numerics='deepmind', plus_stage1_width=arg.plus_stage1_width, dtype='bfloat16')
+                 numerics='deepmind', plus_stage1_width=arg.plus_stage1_width, dtype='bfloat16',
+                 conv_impl='native')  # 'taps' is faster on CPU (see models/nfnet.conv_same).
   c.task = dict(name='classification', label_smoothing=0.1)
 
   normalize = f'standardize({MEAN_RGB}, {STDDEV_RGB})'

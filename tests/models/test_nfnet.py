@@ -384,3 +384,31 @@ def test_unknown_variant_and_bad_fields():
   with pytest.raises(ValueError, match='widths and depths'):
     nfnet.Model(widths=(32,)).arch()
   assert nfnet.Model(variant='F2', depths=(1, 1, 1, 1)).arch().final_width == 3072
+
+
+@pytest.mark.parametrize('hw, stride', [((9, 7), 1), ((9, 7), 2), ((8, 8), 2)])
+def test_taps_grouped_conv_equals_native(hw, stride):
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(2, *hw, 12)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(3, 3, 4, 9)), jnp.float32)  # 3 groups of 4 in -> 3 out channels.
+  native = nfnet.conv_same(x, w, stride, 3, 'native')
+  taps = nfnet.conv_same(x, w, stride, 3, 'taps')
+  assert taps.shape == native.shape == (2, -(-hw[0] // stride), -(-hw[1] // stride), 9)
+  np.testing.assert_allclose(taps, native, rtol=1e-5, atol=1e-5)
+  loss = lambda impl: lambda x, w: jnp.sum(jnp.sin(nfnet.conv_same(x, w, stride, 3, impl)))
+  for g_taps, g_native in zip(jax.grad(loss('taps'), (0, 1))(x, w), jax.grad(loss('native'), (0, 1))(x, w)):
+    np.testing.assert_allclose(g_taps, g_native, rtol=1e-4, atol=1e-4)
+  with pytest.raises(ValueError, match='conv_impl must be one of'):
+    nfnet.conv_same(x, w, stride, 3, 'fft')
+
+
+def test_model_with_taps_convs_equals_native():
+  kwargs = dict(num_classes=5, widths=(32, 64), depths=(1, 2), group_width=8, stem_widths=(8, 16))
+  images = jnp.asarray(np.random.default_rng(1).normal(size=(2, 15, 17, 3)), jnp.float32)
+  native = nfnet.Model(**kwargs)
+  params = nn.meta.unbox(native.init(jax.random.key(0), images)['params'])
+  params = jax.tree.map(lambda p: p + 0.1 * jnp.ones_like(p), params)  # Non-zero skip gains and head.
+  want = native.apply({'params': params}, images)
+  got = nfnet.Model(**kwargs, conv_impl='taps').apply({'params': params}, images)
+  assert np.abs(want).max() > 1e-2
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
