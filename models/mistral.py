@@ -1,0 +1,392 @@
+"""Mistral decoder (sliding-window GQA transformer) in Flax Linen, with HF converters.
+
+Usage::
+
+  model = Model(**model_kwargs)  # e.g. from `from_hf(hf_config, state_dict)`
+  params = nn.meta.unbox(model.init({'params': key}, tokens)['params'])
+  logits = model.apply({'params': params}, tokens)  # float32 [b, t, vocab]
+
+Packed sequences: pass `segment_ids` [b, t] (tokens attend only within their
+segment; use 0 for padding) and `positions` [b, t] restarting at 0 per segment.
+RoPE and the sliding window use `positions`; causality uses the token index.
+
+Every parameter is boxed with logical axis names ('vocab', 'embed', 'heads',
+'kv_heads', 'head_dim', 'mlp', and 'layers' when scanned); the residual stream
+is constrained to ('batch', 'length', 'act_embed'), a no-op without a mesh/rules.
+"""
+from collections.abc import Callable, Mapping
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+from jax.ad_checkpoint import checkpoint_name
+import jax.numpy as jnp
+import numpy as np
+
+RESIDUAL_AXES = ('batch', 'length', 'act_embed')
+EMBED_STD = 0.02  # HF initializer_range
+REMAT_POLICIES: dict[str, Any] = {
+    'full': jax.checkpoint_policies.nothing_saveable,
+    'save_proj': jax.checkpoint_policies.save_only_these_names(
+        'query_proj', 'key_proj', 'value_proj', 'out_proj'),
+}
+Params = dict[str, Any]
+
+
+def _boxed(init: Callable, names: tuple[str | None, ...]) -> Callable:
+  return nn.with_logical_partitioning(init, names)
+
+
+def _fan_in_init(num_in: int, num_out: int) -> Callable:
+  return nn.initializers.variance_scaling(1.0, 'fan_in', 'truncated_normal',
+                                          in_axis=tuple(range(num_in)),
+                                          out_axis=tuple(range(num_in, num_in + num_out)))
+
+
+def attention_mask(q_idx: jax.Array, k_idx: jax.Array, q_pos: jax.Array, k_pos: jax.Array,
+                   q_seg: jax.Array, k_seg: jax.Array, window: int | None) -> jax.Array:
+  """Boolean [..., tq, tk]: causal (by index), same segment, and q_pos - k_pos < window.
+
+  Inputs are [..., tq] for queries and [..., tk] for keys; keys with index < 0 are
+  padding. The window admits exactly `window` keys including the query itself.
+  """
+  qi, ki = q_idx[..., :, None], k_idx[..., None, :]
+  mask = (ki <= qi) & (ki >= 0) & (q_seg[..., :, None] == k_seg[..., None, :])
+  if window is not None:
+    mask &= (q_pos[..., :, None] - k_pos[..., None, :]) < window
+  return mask
+
+
+def _softmax_attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+  """q [..., tq, kv, g, d], k/v [..., tk, kv, d], mask [..., tq, tk] -> [..., tq, kv, g, d]."""
+  logits = jnp.einsum('...qhgd,...khd->...hgqk', q, k, preferred_element_type=jnp.float32)
+  logits = logits * q.shape[-1]**-0.5
+  # Every row admits at least its own key, so no row is fully masked.
+  logits = jnp.where(mask[..., None, None, :, :], logits, jnp.finfo(jnp.float32).min)
+  weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  return jnp.einsum('...hgqk,...khd->...qhgd', weights, v)
+
+
+def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array,
+                     positions: jax.Array, window: int | None) -> jax.Array:
+  """Reference path with a dense [t, t] mask. q [b, t, kv, g, d], k/v [b, t, kv, d]."""
+  idx = jnp.broadcast_to(jnp.arange(q.shape[1]), positions.shape)
+  mask = attention_mask(idx, idx, positions, positions, segment_ids, segment_ids, window)
+  return _softmax_attend(q, k, v, mask)
+
+
+def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array,
+                        positions: jax.Array, window: int, block_size: int) -> jax.Array:
+  """Sliding-window attention whose cost is linear in length for a fixed window.
+
+  Query block i only meets key blocks i - n + 1 .. i with n = ceil((W - 1) / B) + 1,
+  the only ones that can intersect its window. Assumes positions grow at least as
+  fast as the index within a segment (true for packed sequences restarting at 0),
+  so an admitted key is fewer than W tokens back.
+  """
+  b, t = q.shape[:2]
+  bs = min(block_size, t)
+  nb = -(-t // bs)
+  nk = min(-(-(window - 1) // bs) + 1, nb)
+  pad = nb * bs - t  # right padding: padded keys follow every real query, so causality drops them
+  left = (nk - 1) * bs  # left padding: dummy key blocks, index -1
+
+  def blocks(x: jax.Array, fill: Any = 0) -> jax.Array:
+    widths = [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2)
+    return jnp.pad(x, widths, constant_values=fill).reshape(b, nb, bs, *x.shape[2:])
+
+  def key_windows(x: jax.Array, fill: Any = 0) -> jax.Array:
+    widths = [(0, 0), (left, pad)] + [(0, 0)] * (x.ndim - 2)
+    x = jnp.pad(x, widths, constant_values=fill).reshape(b, nb + nk - 1, bs, *x.shape[2:])
+    return jnp.concatenate([x[:, j:j + nb] for j in range(nk)], axis=2)  # [b, nb, nk*bs, ...]
+
+  idx = jnp.broadcast_to(jnp.arange(t), (b, t))
+  mask = attention_mask(blocks(idx), key_windows(idx, -1), blocks(positions),
+                        key_windows(positions), blocks(segment_ids), key_windows(segment_ids),
+                        window)
+  out = _softmax_attend(blocks(q), key_windows(k), key_windows(v), mask)
+  return out.reshape(b, nb * bs, *q.shape[2:])[:, :t]
+
+
+class RMSNorm(nn.Module):
+  eps: float
+  dtype: Any
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    scale = self.param('scale', _boxed(nn.initializers.ones, ('embed',)), (x.shape[-1],))
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    # Cast before the scale multiply, as HF and the reference do.
+    return y.astype(self.dtype) * scale.astype(self.dtype)
+
+
+class Projection(nn.Module):
+  """`x @ kernel` contracting the last `num_in` axes of x with kernel[in..., out...] (no bias)."""
+  out_shape: tuple[int, ...]
+  kernel_axes: tuple[str | None, ...]
+  num_in: int
+  dtype: Any
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    init = _boxed(_fan_in_init(self.num_in, len(self.out_shape)), self.kernel_axes)
+    kernel = self.param('kernel', init, tuple(x.shape[-self.num_in:]) + tuple(self.out_shape))
+    return jnp.tensordot(x.astype(self.dtype), kernel.astype(self.dtype), axes=self.num_in)
+
+
+def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+  """Half-split (HF layout) rotary embedding of x [b, t, ..., d] at positions [b, t], in float32."""
+  d = x.shape[-1]
+  inv_freq = 1.0 / theta**(jnp.arange(0, d, 2, dtype=jnp.float32) / d)
+  freqs = positions.astype(jnp.float32)[..., None] * inv_freq
+  angles = jnp.concatenate([freqs, freqs], axis=-1)
+  angles = angles.reshape(angles.shape[:2] + (1,) * (x.ndim - 3) + (d,))
+  x32 = x.astype(jnp.float32)
+  rotated = jnp.concatenate([-x32[..., d // 2:], x32[..., :d // 2]], axis=-1)
+  return (x32 * jnp.cos(angles) + rotated * jnp.sin(angles)).astype(x.dtype)
+
+
+class Attention(nn.Module):
+  """Grouped-query attention; K/V stay at num_kv_heads (query heads grouped, never repeated)."""
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  sliding_window: int | None
+  rope_theta: float
+  attention_impl: str
+  block_size: int
+  dtype: Any
+
+  @nn.compact
+  def __call__(self, x: jax.Array, segment_ids: jax.Array, positions: jax.Array) -> jax.Array:
+    kv, d = self.num_kv_heads, self.head_dim
+    proj = lambda heads, axis, name: Projection((heads, d), ('embed', axis, 'head_dim'), 1,
+                                                self.dtype, name=name)(x)
+    q = checkpoint_name(proj(self.num_heads, 'heads', 'query'), 'query_proj')
+    k = checkpoint_name(proj(kv, 'kv_heads', 'key'), 'key_proj')
+    v = checkpoint_name(proj(kv, 'kv_heads', 'value'), 'value_proj')
+    q, k = rope(q, positions, self.rope_theta), rope(k, positions, self.rope_theta)
+    # Query head h uses KV head h // group (HF repeat_kv order).
+    q = q.reshape(*q.shape[:2], kv, self.num_heads // kv, d)
+    if self.attention_impl == 'blockwise' and self.sliding_window is not None:
+      out = blockwise_attention(q, k, v, segment_ids, positions, self.sliding_window,
+                                self.block_size)
+    else:
+      out = masked_attention(q, k, v, segment_ids, positions, self.sliding_window)
+    out = out.reshape(*out.shape[:2], self.num_heads, d)
+    out = Projection((x.shape[-1],), ('heads', 'head_dim', 'embed'), 2, self.dtype,
+                     name='out')(out)
+    return checkpoint_name(out, 'out_proj')
+
+
+class Mlp(nn.Module):
+  """SwiGLU: down(silu(gate(x)) * up(x))."""
+  mlp_dim: int
+  dtype: Any
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    dense = lambda n, axes, name: Projection((n,), axes, 1, self.dtype, name=name)
+    h = nn.silu(dense(self.mlp_dim, ('embed', 'mlp'), 'gate')(x))
+    h = h * dense(self.mlp_dim, ('embed', 'mlp'), 'up')(x)
+    return dense(x.shape[-1], ('mlp', 'embed'), 'down')(h)
+
+
+class Block(nn.Module):
+  """Pre-norm block; returns (x, None) so it can be used directly under nn.scan."""
+  attn_kwargs: Mapping[str, Any]
+  mlp_dim: int
+  norm_eps: float
+  dtype: Any
+
+  @nn.compact
+  def __call__(self, x: jax.Array, segment_ids: jax.Array,
+               positions: jax.Array) -> tuple[jax.Array, None]:
+    y = RMSNorm(self.norm_eps, self.dtype, name='attn_norm')(x)
+    x = x + Attention(**self.attn_kwargs, dtype=self.dtype, name='attn')(y, segment_ids, positions)
+    x = nn.with_logical_constraint(x, RESIDUAL_AXES)
+    y = RMSNorm(self.norm_eps, self.dtype, name='mlp_norm')(x)
+    x = x + Mlp(self.mlp_dim, self.dtype, name='mlp')(y)
+    return nn.with_logical_constraint(x, RESIDUAL_AXES), None
+
+
+class Model(nn.Module):
+  """Mistral decoder: `__call__(tokens [b, t], segment_ids, positions)` -> f32 logits [b, t, vocab].
+
+  sliding_window=None is full causal attention. attention_impl 'blockwise' (linear
+  in length for a fixed window, query blocks of `block_size`) or 'masked' (dense
+  [t, t] reference); both give the same outputs. remat: 'none', 'full' or
+  'save_proj' (keeps the q/k/v/out projections). scan stacks layers under 'layers'.
+  """
+  embed_dim: int
+  num_layers: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  mlp_dim: int
+  sliding_window: int | None
+  vocab_size: int
+  norm_eps: float
+  rope_theta: float
+  tie_embeddings: bool = False
+  dtype: str = 'float32'
+  scan: bool = False
+  remat: str = 'none'
+  attention_impl: str = 'blockwise'
+  block_size: int = 128
+
+  def _check(self) -> None:
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(f'num_heads {self.num_heads} not divisible by num_kv_heads '
+                       f'{self.num_kv_heads}')
+    if self.head_dim % 2:
+      raise ValueError(f'head_dim must be even for RoPE, got {self.head_dim}')
+    if self.sliding_window is not None and self.sliding_window < 1:
+      raise ValueError(f'sliding_window must be >= 1 or None, got {self.sliding_window}')
+    if self.attention_impl not in ('blockwise', 'masked'):
+      raise ValueError(f"attention_impl must be 'blockwise' or 'masked', "
+                       f'got {self.attention_impl!r}')
+    if self.remat not in ('none', *REMAT_POLICIES):
+      raise ValueError(f"remat must be 'none', 'full' or 'save_proj', got {self.remat!r}")
+    if self.rope_theta is None or self.rope_theta <= 0:
+      raise ValueError(f'rope_theta must be a positive number, got {self.rope_theta!r}')
+
+  @nn.compact
+  def __call__(self, tokens: jax.Array, segment_ids: jax.Array | None = None,
+               positions: jax.Array | None = None) -> jax.Array:
+    self._check()
+    dtype = jnp.dtype(self.dtype)
+    b, t = tokens.shape
+    if segment_ids is None:
+      segment_ids = jnp.ones((b, t), jnp.int32)
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+
+    init = _boxed(nn.initializers.normal(EMBED_STD), ('vocab', 'embed'))
+    embedding = self.param('embedding', init, (self.vocab_size, self.embed_dim))
+    x = jnp.take(embedding, tokens, axis=0).astype(dtype)
+    x = nn.with_logical_constraint(x, RESIDUAL_AXES)
+
+    attn_kwargs = dict(num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
+                       head_dim=self.head_dim, sliding_window=self.sliding_window,
+                       rope_theta=self.rope_theta, attention_impl=self.attention_impl,
+                       block_size=self.block_size)
+    block_kwargs = dict(attn_kwargs=attn_kwargs, mlp_dim=self.mlp_dim, norm_eps=self.norm_eps,
+                        dtype=dtype)
+    block_cls = Block
+    if self.remat != 'none':
+      block_cls = nn.remat(block_cls, prevent_cse=not self.scan, policy=REMAT_POLICIES[self.remat])
+    if self.scan:
+      stack = nn.scan(block_cls, variable_axes={'params': 0}, split_rngs={'params': True},
+                      in_axes=(nn.broadcast, nn.broadcast), length=self.num_layers,
+                      metadata_params={nn.PARTITION_NAME: 'layers'})
+      x, _ = stack(**block_kwargs, name='layers')(x, segment_ids, positions)
+    else:
+      for i in range(self.num_layers):
+        x, _ = block_cls(**block_kwargs, name=f'layer_{i}')(x, segment_ids, positions)
+    x = RMSNorm(self.norm_eps, dtype, name='final_norm')(x)
+
+    if self.tie_embeddings:
+      logits = jnp.einsum('bte,ve->btv', x, embedding.astype(dtype))
+    else:
+      logits = Projection((self.vocab_size,), ('embed', 'vocab'), 1, dtype, name='head')(x)
+    return logits.astype(jnp.float32)
+
+
+def param_count(model_kwargs: Mapping[str, Any]) -> int:
+  """Number of parameters, computed abstractly with jax.eval_shape (no memory)."""
+  model = Model(**model_kwargs)
+  shapes = jax.eval_shape(lambda: model.init({'params': jax.random.key(0)},
+                                             jnp.zeros((1, 1), jnp.int32)))
+  return sum(math.prod(x.shape) for x in jax.tree.leaves(nn.meta.unbox(shapes['params'])))
+
+
+def stack_layers(params: Params) -> Params:
+  """Converts scan=False params (layer_{i}) to scan=True (layers, stacked on axis 0)."""
+  params = dict(params)
+  n = sum(k.startswith('layer_') for k in params)
+  layers = [params.pop(f'layer_{i}') for i in range(n)]
+  params['layers'] = jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *layers)
+  return params
+
+
+def unstack_layers(params: Params) -> Params:
+  """Converts scan=True params (layers, stacked) to scan=False (layer_{i})."""
+  params = dict(params)
+  stacked = params.pop('layers')
+  for i in range(jax.tree.leaves(stacked)[0].shape[0]):
+    params[f'layer_{i}'] = jax.tree.map(lambda x, i=i: np.asarray(x[i]), stacked)
+  return params
+
+
+def _rope_theta(cfg: Mapping[str, Any]) -> float:
+  rope_params = cfg.get('rope_parameters') or {}
+  if rope_params.get('rope_type', 'default') != 'default':
+    raise ValueError(f"Only rope_type 'default' is supported, got {rope_params['rope_type']!r}")
+  theta = cfg.get('rope_theta', rope_params.get('rope_theta'))
+  if theta is None:
+    raise ValueError('HF config has no rope_theta (Mistral v0.1: 1e4, later releases 1e6); set it.')
+  return float(theta)
+
+
+def from_hf(hf_config: Mapping[str, Any],
+            state_dict: Mapping[str, np.ndarray]) -> tuple[dict[str, Any], Params]:
+  """HF MistralForCausalLM (config dict, numpy state dict) -> (Model kwargs, scan=False params)."""
+  e, h = hf_config['hidden_size'], hf_config['num_attention_heads']
+  kv = hf_config['num_key_value_heads']
+  d = hf_config.get('head_dim') or e // h
+  kwargs = dict(embed_dim=e, num_layers=hf_config['num_hidden_layers'], num_heads=h,
+                num_kv_heads=kv, head_dim=d, mlp_dim=hf_config['intermediate_size'],
+                sliding_window=hf_config.get('sliding_window'), vocab_size=hf_config['vocab_size'],
+                norm_eps=float(hf_config['rms_norm_eps']), rope_theta=_rope_theta(hf_config),
+                tie_embeddings=bool(hf_config.get('tie_word_embeddings', False)))
+  w = lambda name: np.asarray(state_dict[name])
+  params: Params = {'embedding': w('model.embed_tokens.weight'),
+                    'final_norm': {'scale': w('model.norm.weight')}}
+  if not kwargs['tie_embeddings']:
+    params['head'] = {'kernel': w('lm_head.weight').T}
+  for i in range(kwargs['num_layers']):
+    p = f'model.layers.{i}.'
+    attn = lambda n, heads, p=p: {
+        'kernel': w(f'{p}self_attn.{n}_proj.weight').T.reshape(e, heads, d)}
+    mlp = lambda n, p=p: {'kernel': w(f'{p}mlp.{n}_proj.weight').T}
+    params[f'layer_{i}'] = {
+        'attn_norm': {'scale': w(f'{p}input_layernorm.weight')},
+        'attn': {'query': attn('q', h), 'key': attn('k', kv), 'value': attn('v', kv),
+                 'out': {'kernel': w(f'{p}self_attn.o_proj.weight').T.reshape(h, d, e)}},
+        'mlp_norm': {'scale': w(f'{p}post_attention_layernorm.weight')},
+        'mlp': {'gate': mlp('gate'), 'up': mlp('up'), 'down': mlp('down')},
+    }
+  return kwargs, params
+
+
+def to_hf(model_kwargs: Mapping[str, Any],
+          params: Params) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+  """(Model kwargs, params, scanned or not) -> HF MistralForCausalLM (config, numpy state dict)."""
+  k = model_kwargs
+  if 'layers' in params:
+    params = unstack_layers(params)
+  e, h, kv, d = k['embed_dim'], k['num_heads'], k['num_kv_heads'], k['head_dim']
+  config = dict(model_type='mistral', architectures=['MistralForCausalLM'], hidden_size=e,
+                num_hidden_layers=k['num_layers'], num_attention_heads=h, num_key_value_heads=kv,
+                head_dim=d, intermediate_size=k['mlp_dim'], sliding_window=k['sliding_window'],
+                vocab_size=k['vocab_size'], rms_norm_eps=k['norm_eps'], hidden_act='silu',
+                rope_parameters={'rope_type': 'default', 'rope_theta': k['rope_theta']},
+                tie_word_embeddings=k.get('tie_embeddings', False))
+  a = lambda x: np.asarray(x)
+  sd = {'model.embed_tokens.weight': a(params['embedding']),
+        'model.norm.weight': a(params['final_norm']['scale'])}
+  if not config['tie_word_embeddings']:
+    sd['lm_head.weight'] = a(params['head']['kernel']).T
+  for i in range(k['num_layers']):
+    lp, p = params[f'layer_{i}'], f'model.layers.{i}.'
+    sd[f'{p}input_layernorm.weight'] = a(lp['attn_norm']['scale'])
+    sd[f'{p}post_attention_layernorm.weight'] = a(lp['mlp_norm']['scale'])
+    for n, name in (('q', 'query'), ('k', 'key'), ('v', 'value')):
+      sd[f'{p}self_attn.{n}_proj.weight'] = a(lp['attn'][name]['kernel']).reshape(e, -1).T
+    sd[f'{p}self_attn.o_proj.weight'] = a(lp['attn']['out']['kernel']).reshape(h * d, e).T
+    for n in ('gate', 'up', 'down'):
+      sd[f'{p}mlp.{n}_proj.weight'] = a(lp['mlp'][n]['kernel']).T
+  return config, sd
