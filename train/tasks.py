@@ -12,6 +12,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 
@@ -54,7 +55,46 @@ class Classification:
             'eval/examples': sums['count']}
 
 
-TASKS = {'classification': Classification}
+class LanguageModel:
+  """Next-token cross-entropy over packed rows of `tokens` with `segment_ids` and `positions`.
+
+  Token t predicts token t+1 only inside one document: pairs that cross a segment boundary or touch padding
+  (segment 0) are masked, and the loss is the mean over the remaining tokens (token-weighted).
+  """
+
+  def example_input(self, batch):
+    return batch['tokens'][:1]
+
+  def _token_losses(self, model, params, batch, rng, train):
+    tokens, segments = batch['tokens'], batch['segment_ids']
+    logits = model.apply({'params': params}, tokens, segment_ids=segments, positions=batch['positions'],
+                         **({'rngs': {'dropout': rng}} if rng is not None else {}))
+    logits = logits[:, :-1].astype(jnp.float32)
+    targets = tokens[:, 1:]
+    mask = (segments[:, 1:] == segments[:, :-1]) & (segments[:, 1:] != 0)
+    if 'mask' in batch:  # Eval padding rows.
+      mask = mask & batch['mask'][:, None]
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+    correct = logits.argmax(-1) == targets
+    return losses, correct, mask.astype(jnp.float32)
+
+  def loss(self, model, params, batch, rng, train: bool):
+    losses, correct, mask = self._token_losses(model, params, batch, rng, train)
+    count = jnp.maximum(mask.sum(), 1.0)
+    return (losses * mask).sum() / count, {'train/accuracy': (correct * mask).sum() / count,
+                                           'train/tokens': mask.sum()}
+
+  def eval_sums(self, model, params, batch):
+    losses, correct, mask = self._token_losses(model, params, batch, None, False)
+    return {'loss': (losses * mask).sum(), 'correct': (correct * mask).sum(), 'count': mask.sum()}
+
+  def eval_summary(self, sums: Mapping[str, float]) -> dict[str, float]:
+    loss = sums['loss'] / max(sums['count'], 1.0)
+    return {'eval/loss': loss, 'eval/perplexity': float(np.exp(loss)),
+            'eval/accuracy': sums['correct'] / max(sums['count'], 1.0), 'eval/tokens': sums['count']}
+
+
+TASKS = {'classification': Classification, 'language_model': LanguageModel}
 
 
 def make_task(task_config: Mapping[str, Any]):

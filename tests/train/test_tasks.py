@@ -48,3 +48,32 @@ def test_eval_sums_respect_the_mask():
 def test_unknown_task_is_one_line():
   with pytest.raises(ValueError, match="task.name='regression' is unknown"):
     tasks.make_task({'name': 'regression'})
+
+
+class _Bigram:
+  """A stand-in LM whose logits at each position are a fixed table row of the current token."""
+
+  def __init__(self, table):
+    self.table = jnp.asarray(table, jnp.float32)
+
+  def apply(self, variables, tokens, segment_ids=None, positions=None, rngs=None):
+    return self.table[tokens]
+
+
+def test_language_model_loss_masks_segment_boundaries_and_padding():
+  rng = np.random.default_rng(0)
+  table = rng.normal(size=(5, 5)).astype(np.float32)
+  tokens = np.array([[1, 2, 3, 4, 1, 0]])
+  segments = np.array([[1, 1, 1, 2, 2, 0]])  # Two documents then padding.
+  batch = {'tokens': tokens, 'segment_ids': segments, 'positions': np.array([[0, 1, 2, 0, 1, 0]])}
+  task = tasks.make_task({'name': 'language_model'})
+  loss, metrics = task.loss(_Bigram(table), None, batch, None, train=True)
+  # Only 1->2, 2->3 (first document) and 4->1 (second) are predictions inside one document.
+  logp = table - np.log(np.exp(table).sum(-1, keepdims=True))
+  want = -np.mean([logp[1, 2], logp[2, 3], logp[4, 1]])
+  np.testing.assert_allclose(loss, want, rtol=1e-6)
+  assert float(metrics['train/tokens']) == 3.0
+  sums = task.eval_sums(_Bigram(table), None, {**batch, 'mask': np.array([True])})
+  summary = task.eval_summary({k: float(v) for k, v in sums.items()})
+  np.testing.assert_allclose(summary['eval/perplexity'], np.exp(want), rtol=1e-5)
+  assert summary['eval/tokens'] == 3.0
