@@ -39,9 +39,12 @@ from tensorflow_datasets.core import file_adapters
 from . import digits
 from . import image_ops
 from . import mixing
+from . import packing
+from . import text
+from . import tokenizers
 
 # Offline builders of this package, prepared on first use.
-OWN_BUILDERS = (digits.Digits.name,)
+OWN_BUILDERS = (digits.Digits.name, text.LocalText.name)
 
 _DEFAULTS = dict(data_dir=None, train_split='train', eval_split='test', pp_train='',
                  pp_eval='', shuffle=True, num_threads=4, prefetch=4)
@@ -54,6 +57,13 @@ def _cfg(config, key):
   return _DEFAULTS[key] if value is None else value
 
 
+def _lm_cfg(config, key):
+  if key in _LM_DEFAULTS:
+    value = config.get(key, None)
+    return _LM_DEFAULTS[key] if value is None else value
+  return _cfg(config, key)
+
+
 def _where(data_dir) -> str:
   return data_dir or os.environ.get('TFDS_DATA_DIR') or '~/tensorflow_datasets'
 
@@ -62,10 +72,16 @@ def _build_hint(name, data_dir) -> str:
   return f'`tfds build {name} --data_dir={_where(data_dir)} --file_format=array_record`'
 
 
-def get_source(name: str, split: str, data_dir: str | None = None) -> Sequence[dict]:
-  """Random-access TFDS source (ArrayRecord) for `split` of `name`; own builders are prepared."""
+def get_source(name: str, split: str, data_dir: str | None = None, *,
+               builder_config=None) -> Sequence[dict]:
+  """Random-access TFDS source (ArrayRecord) for `split` of `name`; own builders are prepared.
+
+  `builder_config` (a `tfds.core.BuilderConfig`, e.g. `text.files_config(glob)`) overrides the
+  config named in `name`.
+  """
+  kwargs = {} if builder_config is None else {'config': builder_config}
   try:
-    builder = tfds.builder(name, data_dir=data_dir)
+    builder = tfds.builder(name, data_dir=data_dir, **kwargs)
   except tfds.core.registered.DatasetNotFoundError:
     raise FileNotFoundError(
         f'TFDS dataset {name!r} not found: no registered builder and no prepared copy under '
@@ -242,3 +258,95 @@ def make_eval_iter(data_config, *, global_batch_size: int, process_index: int = 
   ds = ds.random_map(_PrepareWithMask(_cfg(data_config, 'pp_eval')), seed=0)
   ds = ds.batch(batch_size, drop_remainder=True).to_iter_dataset(_read_options(data_config))
   return (lambda: iter(ds)), n
+
+
+# ---------------------------------------------------------------------------------------------
+# Language-model pipelines: documents -> tokens -> packed rows (see `packing` for row features).
+#
+# Config fields and defaults (with num_threads, prefetch, shuffle and data_dir as above):
+#   name         'local_text/stdlib'   a TFDS text dataset with a `text` feature (see `text`)
+#   files        None                  a glob or directory: overrides `name`'s corpus with
+#                                      `local_text` config `text.files_config(files)`
+#   train_split  'train'               eval_split  'validation'
+#   tokenizer    'bytes'               or a path to a SentencePiece `.model` (see `tokenizers`)
+#   seq_len      required              tokens per row
+_LM_DEFAULTS = dict(name='local_text/stdlib', files=None, train_split='train',
+                    eval_split='validation', tokenizer='bytes')
+
+
+def _lm_source(config, split_key):
+  files = _lm_cfg(config, 'files')
+  name = 'local_text' if files else _lm_cfg(config, 'name')
+  return get_source(name, _lm_cfg(config, split_key), _cfg(config, 'data_dir'),
+                    builder_config=text.files_config(files) if files else None)
+
+
+def _seq_len(config) -> int:
+  seq_len = config.get('seq_len', None)
+  if not isinstance(seq_len, (int, np.integer)) or seq_len < 2:
+    raise ValueError(f'seq_len must be an int >= 2, got {seq_len!r}.')
+  return int(seq_len)
+
+
+def make_lm_train_iter(data_config, *, global_batch_size: int, seed: int, process_index: int = 0,
+                       process_count: int = 1) -> grain.DatasetIterator:
+  """Infinite, checkpointable iterator of local batches of packed rows, dicts of int32 [B, L].
+
+  This process reads the contiguous document slice `_process_bounds` gives it (disjoint across
+  processes), reshuffled every epoch from (seed, process_index) unless shuffle=False, tokenizes each
+  document with bos/eos and packs the stream into rows (`packing.pack`); rows and batches run across
+  epoch boundaries. `get_state`/`set_state` (or grain.checkpoint) resume exactly.
+  """
+  batch_size = _local_batch_size(global_batch_size, process_count)
+  seq_len = _seq_len(data_config)
+  tokenizer = tokenizers.get_tokenizer(_lm_cfg(data_config, 'tokenizer'))
+  src = _lm_source(data_config, 'train_split')
+  lo, hi = _process_bounds(len(src), process_index, process_count)
+  if hi == lo:
+    raise ValueError(f'Process {process_index} of {process_count} gets no training documents.')
+  shuffle_seed = int(np.random.SeedSequence([seed, process_index]).generate_state(1)[0])
+  ds = grain.MapDataset.source(src)[lo:hi]
+  if _cfg(data_config, 'shuffle'):
+    ds = ds.shuffle(seed=shuffle_seed)
+  ds = ds.repeat().map(packing.Tokenize(tokenizer)).to_iter_dataset(_read_options(data_config))
+  ds = packing.pack(ds, seq_len, tokenizer.pad_id).batch(batch_size, drop_remainder=True)
+  return iter(ds)
+
+
+def make_lm_eval_iter(data_config, *, global_batch_size: int, process_index: int = 0,
+                      process_count: int = 1) -> tuple[Callable[[], Iterator[dict]], int]:
+  """Returns (fn giving a fresh iterator of local eval batches, number of real eval tokens).
+
+  Process p packs its document slice of the eval split (in split order) into rows, then appends
+  all-padding rows (segment_ids 0, loss_mask 0) so that every process yields the same number of
+  full batches. Over all processes every token of every document ([bos] + text + [eos]) appears
+  exactly once with segment_ids > 0; the returned count is the number of such tokens.
+  """
+  batch_size = _local_batch_size(global_batch_size, process_count)
+  seq_len = _seq_len(data_config)
+  tokenizer = tokenizers.get_tokenizer(_lm_cfg(data_config, 'tokenizer'))
+  src = _lm_source(data_config, 'eval_split')
+  if len(src) == 0:
+    raise ValueError(f'Eval split {_lm_cfg(data_config, "eval_split")!r} is empty.')
+  tokenize = packing.Tokenize(tokenizer)
+  # Every process counts every document's tokens, to agree on the number of batches.
+  lengths = grain.MapDataset.source(src).map(lambda ex: len(tokenize(ex)['tokens']))
+  lengths = np.asarray(list(lengths.to_iter_dataset(_read_options(data_config))), np.int64)
+  bounds = [_process_bounds(len(src), p, process_count) for p in range(process_count)]
+  rows = [packing.num_rows(lengths[lo:hi], seq_len) for lo, hi in bounds]
+  num_batches = max(1, -(-max(rows) // batch_size))
+  lo, hi = bounds[process_index]
+  docs = grain.MapDataset.source(src)[lo:hi].map(tokenize).to_iter_dataset(
+      _read_options(data_config))
+  packed = packing.pack(docs, seq_len, tokenizer.pad_id)
+  padding = packing.padding_row(seq_len, tokenizer.pad_id)
+
+  def batches():
+    real = iter(packed)
+    for _ in range(num_batches):
+      out = [next(real, padding) for _ in range(batch_size)]
+      yield {k: np.stack([r[k] for r in out]) for k in packing.FEATURES}
+    if next(real, None) is not None:
+      raise RuntimeError('Eval packing made more rows than counted.')
+
+  return batches, int(lengths.sum())

@@ -4,6 +4,8 @@ import pytest
 from sklearn.datasets import load_digits
 
 from data import digits
+from data import pipeline
+from data import text
 
 
 @pytest.fixture(scope='session')
@@ -20,3 +22,35 @@ def image_to_index(sklearn_digits):
   table = {img.tobytes(): i for i, img in enumerate(images)}
   assert len(table) == len(images)
   return lambda img: table[np.asarray(img).astype(np.uint8).tobytes()]
+
+
+NUM_FILES = 150
+
+
+def write_corpus(root, n=NUM_FILES):
+  """n small files in two subdirectories, each with distinct (partly non-ASCII) content."""
+  paths = []
+  for i in range(n):
+    sub = root / ('a' if i % 2 else 'b')
+    sub.mkdir(parents=True, exist_ok=True)
+    p = sub / f'doc{i:03d}.txt'
+    p.write_text(f'document {i}\n' + 'héllo wörld → 🙂 ' * (i % 7) + f'\nend {i}\n', 'utf-8')
+    paths.append(p)
+  (root / 'a' / 'skip.bin').write_bytes(b'\xff\xfe not matched by *.txt')
+  return paths
+
+
+@pytest.fixture(scope='session')
+def text_corpus(tmp_path_factory):
+  root = tmp_path_factory.mktemp('corpus')
+  write_corpus(root)
+  return root
+
+
+@pytest.fixture(scope='session')
+def text_dir(tmp_path_factory, text_corpus):
+  """A data_dir with the corpus `text_corpus/**/*.txt` prepared (config `custom_<hash>`)."""
+  data_dir = str(tmp_path_factory.mktemp('tfds_text'))
+  pipeline.get_source('local_text', 'train', data_dir,
+                      builder_config=text.files_config(str(text_corpus / '**' / '*.txt')))
+  return data_dir
