@@ -45,6 +45,9 @@ def sharding_rules(**overrides) -> ml_collections.ConfigDict:
       'classes': '',
       'layers': '',
       # Convolutions: output channels over fsdp (a no-op at the default fsdp=1), activations replicated.
+      # Language models: the vocabulary and K/V heads split like the MLP and query heads.
+      'vocab': 'tensor',
+      'kv_heads': 'tensor',
       'conv_in': '',
       'conv_out': 'fsdp',
       'act_conv': '',

@@ -193,15 +193,27 @@ def _read_options(config) -> grain.ReadOptions:
                            prefetch_buffer_size=_cfg(config, 'prefetch'))
 
 
+def _is_packed_text(data_config) -> bool:
+  fmt = data_config.get('format', 'examples') or 'examples'
+  if fmt not in ('examples', 'packed_text'):
+    raise ValueError(f"data.format={fmt!r} is unknown; use 'examples' (images, labels) or 'packed_text'.")
+  return fmt == 'packed_text'
+
+
 def make_train_iter(data_config, *, global_batch_size: int, seed: int, process_index: int = 0,
                     process_count: int = 1) -> grain.DatasetIterator:
   """Infinite, checkpointable iterator of local training batches (this process's data slice).
+
+  A config with `format='packed_text'` reads tokenized, packed text rows (see `make_lm_train_iter`).
 
   Each epoch of the slice is reshuffled (grain folds the epoch into the shuffle seed) and every
   example's augmentation RNG is derived from (seed, process_index, position in the stream), and the
   mixing RNG (with `mix`) from (seed, process_index, batch index), so `get_state`/`set_state` (or
   grain.checkpoint.CheckpointSave/Restore) resume exactly. Batches may span epoch boundaries.
   """
+  if _is_packed_text(data_config):
+    return make_lm_train_iter(data_config, global_batch_size=global_batch_size, seed=seed,
+                              process_index=process_index, process_count=process_count)
   batch_size = _local_batch_size(global_batch_size, process_count)
   src = get_source(_cfg(data_config, 'name'), _cfg(data_config, 'train_split'),
                    _cfg(data_config, 'data_dir'))
@@ -241,10 +253,15 @@ def make_eval_iter(data_config, *, global_batch_size: int, process_index: int = 
                    process_count: int = 1) -> tuple[Callable[[], Iterator[dict]], int]:
   """Returns (fn giving a fresh iterator of local eval batches, number of examples in the split).
 
+  A config with `format='packed_text'` gives packed text rows and the number of real tokens instead.
+
   Every example of the split appears exactly once over all processes with mask=True; each process
   pads its slice with masked copies of a real example so that all processes yield the same number
   of full batches.
   """
+  if _is_packed_text(data_config):
+    return make_lm_eval_iter(data_config, global_batch_size=global_batch_size, process_index=process_index,
+                             process_count=process_count)
   batch_size = _local_batch_size(global_batch_size, process_count)
   src = get_source(_cfg(data_config, 'name'), _cfg(data_config, 'eval_split'),
                    _cfg(data_config, 'data_dir'))

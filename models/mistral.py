@@ -10,11 +10,17 @@ Packed sequences: pass `segment_ids` [b, t] (tokens attend only within their
 segment; use 0 for padding) and `positions` [b, t] restarting at 0 per segment.
 RoPE and the sliding window use `positions`; causality uses the token index.
 
+Generation: `generate(model, params, prompt, max_new_tokens, ...)` (greedy, or top-k /
+top-p sampling) with a rolling-buffer KV cache of `sliding_window` slots per layer (see
+`init_cache`), chunked prefill and a jitted lax.fori_loop decode. The cache is an explicit
+pytree passed through `model.apply(..., tokens, positions, cache, method='decode')`.
+
 Every parameter is boxed with logical axis names ('vocab', 'embed', 'heads',
 'kv_heads', 'head_dim', 'mlp', and 'layers' when scanned); the residual stream
 is constrained to ('batch', 'length', 'act_embed'), a no-op without a mesh/rules.
 """
 from collections.abc import Callable, Mapping
+import functools
 import math
 from typing import Any
 
@@ -32,6 +38,7 @@ REMAT_POLICIES: dict[str, Any] = {
         'query_proj', 'key_proj', 'value_proj', 'out_proj'),
 }
 Params = dict[str, Any]
+Cache = dict[str, jax.Array]
 
 
 def _boxed(init: Callable, names: tuple[str | None, ...]) -> Callable:
@@ -109,6 +116,31 @@ def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: j
   return out.reshape(b, nb * bs, *q.shape[2:])[:, :t]
 
 
+def _cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array,
+                      cache: Mapping[str, jax.Array],
+                      window: int | None) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Attention of a chunk against a rolling-buffer cache plus itself, then the cache write.
+
+  q [b, c, kv, g, d] and k/v [b, c, kv, d] are post-RoPE for positions [b, c]. The chunk
+  attends to the S cached slots and to its own keys (causal, window aligned to each
+  query's position); then its last min(S, c) keys/values go to slots `position % S`.
+  """
+  slots = cache['k'].shape[1]
+  keys = jnp.concatenate([cache['k'], k.astype(cache['k'].dtype)], axis=1)
+  values = jnp.concatenate([cache['v'], v.astype(cache['v'].dtype)], axis=1)
+  k_pos = jnp.concatenate([cache['pos'], positions], axis=1)
+  # Positions act as the causal index; empty slots (position -1) count as padding.
+  mask = attention_mask(positions, k_pos, positions, k_pos, jnp.zeros_like(positions),
+                        jnp.zeros_like(k_pos), window)
+  out = _softmax_attend(q, keys.astype(q.dtype), values.astype(v.dtype), mask)
+  n = min(slots, k.shape[1])
+  write = jax.vmap(lambda buf, idx, upd: buf.at[idx].set(upd))
+  idx = positions[:, -n:] % slots
+  new = {'k': write(cache['k'], idx, k[:, -n:].astype(cache['k'].dtype)),
+         'v': write(cache['v'], idx, v[:, -n:].astype(cache['v'].dtype))}
+  return out, new
+
+
 class RMSNorm(nn.Module):
   eps: float
   dtype: Any
@@ -160,7 +192,12 @@ class Attention(nn.Module):
   dtype: Any
 
   @nn.compact
-  def __call__(self, x: jax.Array, segment_ids: jax.Array, positions: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, segment_ids: jax.Array, positions: jax.Array,
+               cache: Mapping[str, jax.Array] | None = None) -> Any:
+    """Returns the output, or (output, {'k', 'v'} updated buffers) when `cache` is given.
+
+    cache: {'k', 'v': [b, S, kv, d] post-RoPE, 'pos': [b, S] slot positions, -1 if empty}.
+    """
     kv, d = self.num_kv_heads, self.head_dim
     proj = lambda heads, axis, name: Projection((heads, d), ('embed', axis, 'head_dim'), 1,
                                                 self.dtype, name=name)(x)
@@ -170,7 +207,10 @@ class Attention(nn.Module):
     q, k = rope(q, positions, self.rope_theta), rope(k, positions, self.rope_theta)
     # Query head h uses KV head h // group (HF repeat_kv order).
     q = q.reshape(*q.shape[:2], kv, self.num_heads // kv, d)
-    if self.attention_impl == 'blockwise' and self.sliding_window is not None:
+    new_cache = None
+    if cache is not None:
+      out, new_cache = _cached_attention(q, k, v, positions, cache, self.sliding_window)
+    elif self.attention_impl == 'blockwise' and self.sliding_window is not None:
       out = blockwise_attention(q, k, v, segment_ids, positions, self.sliding_window,
                                 self.block_size)
     else:
@@ -178,7 +218,8 @@ class Attention(nn.Module):
     out = out.reshape(*out.shape[:2], self.num_heads, d)
     out = Projection((x.shape[-1],), ('heads', 'head_dim', 'embed'), 2, self.dtype,
                      name='out')(out)
-    return checkpoint_name(out, 'out_proj')
+    out = checkpoint_name(out, 'out_proj')
+    return out if cache is None else (out, new_cache)
 
 
 class Mlp(nn.Module):
@@ -202,14 +243,22 @@ class Block(nn.Module):
   dtype: Any
 
   @nn.compact
-  def __call__(self, x: jax.Array, segment_ids: jax.Array,
-               positions: jax.Array) -> tuple[jax.Array, None]:
+  def __call__(self, x: jax.Array, segment_ids: jax.Array, positions: jax.Array,
+               kv_cache: Mapping[str, jax.Array] | None = None,
+               slot_pos: jax.Array | None = None) -> tuple[jax.Array, Any]:
+    """Returns (x, None), or (x, updated {'k', 'v'}) when kv_cache/slot_pos are given."""
     y = RMSNorm(self.norm_eps, self.dtype, name='attn_norm')(x)
-    x = x + Attention(**self.attn_kwargs, dtype=self.dtype, name='attn')(y, segment_ids, positions)
+    attn = Attention(**self.attn_kwargs, dtype=self.dtype, name='attn')
+    new_cache = None
+    if kv_cache is None:
+      y = attn(y, segment_ids, positions)
+    else:
+      y, new_cache = attn(y, segment_ids, positions, {**kv_cache, 'pos': slot_pos})
+    x = x + y
     x = nn.with_logical_constraint(x, RESIDUAL_AXES)
     y = RMSNorm(self.norm_eps, self.dtype, name='mlp_norm')(x)
     x = x + Mlp(self.mlp_dim, self.dtype, name='mlp')(y)
-    return nn.with_logical_constraint(x, RESIDUAL_AXES), None
+    return nn.with_logical_constraint(x, RESIDUAL_AXES), new_cache
 
 
 class Model(nn.Module):
@@ -255,8 +304,11 @@ class Model(nn.Module):
 
   @nn.compact
   def __call__(self, tokens: jax.Array, segment_ids: jax.Array | None = None,
-               positions: jax.Array | None = None) -> jax.Array:
+               positions: jax.Array | None = None, cache: Cache | None = None) -> Any:
+    """Logits [b, t, vocab]; with `cache` (see `init_cache`), returns (logits, new cache)."""
     self._check()
+    if cache is not None and segment_ids is not None:
+      raise ValueError('segment_ids are not supported with a KV cache')
     dtype = jnp.dtype(self.dtype)
     b, t = tokens.shape
     if segment_ids is None:
@@ -278,21 +330,176 @@ class Model(nn.Module):
     block_cls = Block
     if self.remat != 'none':
       block_cls = nn.remat(block_cls, prevent_cse=not self.scan, policy=REMAT_POLICIES[self.remat])
-    if self.scan:
+    new_cache = None
+    if self.scan and cache is None:
       stack = nn.scan(block_cls, variable_axes={'params': 0}, split_rngs={'params': True},
                       in_axes=(nn.broadcast, nn.broadcast), length=self.num_layers,
                       metadata_params={nn.PARTITION_NAME: 'layers'})
       x, _ = stack(**block_kwargs, name='layers')(x, segment_ids, positions)
+    elif self.scan:  # the cache's leading layer axis is scanned alongside the params
+      stack = nn.scan(block_cls, variable_axes={'params': 0}, split_rngs={'params': True},
+                      in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast),
+                      length=self.num_layers, metadata_params={nn.PARTITION_NAME: 'layers'})
+      kv = {'k': cache['k'], 'v': cache['v']}
+      x, new_cache = stack(**block_kwargs, name='layers')(x, segment_ids, positions, kv,
+                                                          cache['pos'])
     else:
+      layer_caches = []
       for i in range(self.num_layers):
-        x, _ = block_cls(**block_kwargs, name=f'layer_{i}')(x, segment_ids, positions)
+        block = block_cls(**block_kwargs, name=f'layer_{i}')
+        if cache is None:
+          x, _ = block(x, segment_ids, positions)
+        else:
+          x, c = block(x, segment_ids, positions, {'k': cache['k'][i], 'v': cache['v'][i]},
+                       cache['pos'])
+          layer_caches.append(c)
+      if cache is not None:
+        new_cache = jax.tree.map(lambda *xs: jnp.stack(xs), *layer_caches)
     x = RMSNorm(self.norm_eps, dtype, name='final_norm')(x)
 
     if self.tie_embeddings:
       logits = jnp.einsum('bte,ve->btv', x, embedding.astype(dtype))
     else:
       logits = Projection((self.vocab_size,), ('embed', 'vocab'), 1, dtype, name='head')(x)
-    return logits.astype(jnp.float32)
+    logits = logits.astype(jnp.float32)
+    if cache is None:
+      return logits
+    n = min(cache['pos'].shape[1], t)
+    write = jax.vmap(lambda buf, idx, upd: buf.at[idx].set(upd))
+    slot_pos = write(cache['pos'], positions[:, -n:] % cache['pos'].shape[1], positions[:, -n:])
+    return logits, {**new_cache, 'pos': slot_pos}
+
+  def decode(self, tokens: jax.Array, positions: jax.Array,
+             cache: Cache) -> tuple[jax.Array, Cache]:
+    """Cached forward of a chunk: tokens/positions [b, c] -> (f32 logits [b, c, vocab], cache).
+
+    Use via `model.apply({'params': p}, tokens, positions, cache, method='decode')`.
+    The chunk must directly follow the cached positions (no gaps, no segment_ids).
+    """
+    return self(tokens, positions=positions, cache=cache)
+
+
+def init_cache(model: Model, batch: int, length: int) -> Cache:
+  """Empty rolling-buffer KV cache for `model` and sequences of up to `length` tokens.
+
+  S = model.sliding_window slots (length slots when sliding_window is None):
+  'k', 'v': [num_layers, batch, S, num_kv_heads, head_dim] in model.dtype, keys post-RoPE;
+  'pos': int32 [batch, S], the absolute position held by each slot (-1 = empty).
+  Position p lives in slot p % S, so the size never grows past S.
+  """
+  slots = length if model.sliding_window is None else model.sliding_window
+  shape = (model.num_layers, batch, slots, model.num_kv_heads, model.head_dim)
+  zeros = jnp.zeros(shape, jnp.dtype(model.dtype))
+  return {'k': zeros, 'v': zeros, 'pos': jnp.full((batch, slots), -1, jnp.int32)}
+
+
+def sample_logits(logits: jax.Array, rng: jax.Array | None, temperature: float = 0.0,
+                  top_k: int | None = None, top_p: float | None = None) -> jax.Array:
+  """Next tokens [b] from logits [b, vocab]: argmax at temperature 0, else top-k/top-p sampling."""
+  if temperature == 0.0:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  logits = logits.astype(jnp.float32) / temperature
+  if top_k is not None and top_k < logits.shape[-1]:
+    kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
+    logits = jnp.where(logits < kth, -jnp.inf, logits)
+  if top_p is not None and top_p < 1.0:
+    ordered = -jnp.sort(-logits, axis=-1)
+    probs = jax.nn.softmax(ordered, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    # Smallest prefix whose mass reaches top_p; the most likely token is always kept.
+    keep = (mass_before < top_p).at[..., 0].set(True)
+    cutoff = jnp.min(jnp.where(keep, ordered, jnp.inf), axis=-1, keepdims=True)
+    logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+  return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+
+
+def _token_logprob(logits: jax.Array, tokens: jax.Array) -> jax.Array:
+  return jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tokens[:, None], -1)[:, 0]
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _prefill_chunk(model: Model, params: Params, tokens: jax.Array, positions: jax.Array,
+                   cache: Cache) -> tuple[jax.Array, Cache]:
+  logits, cache = model.apply({'params': params}, tokens, positions, cache, method='decode')
+  return logits[:, -1], cache
+
+
+def _decode_loop(model: Model, params: Params, logits: jax.Array, cache: Cache,
+                 start: jax.Array, rng: jax.Array | None, steps: int, temperature: float,
+                 top_k: int | None, top_p: float | None):
+  """Samples `steps` tokens; token i is fed back at position start + i (lax.fori_loop)."""
+  b = logits.shape[0]
+
+  def pick(logits, i):
+    key = None if rng is None else jax.random.fold_in(rng, i)
+    tok = sample_logits(logits, key, temperature, top_k, top_p)
+    return tok, _token_logprob(logits, tok)
+
+  tok, lp = pick(logits, 0)
+  out = jnp.zeros((b, steps), jnp.int32).at[:, 0].set(tok)
+  lps = jnp.zeros((b, steps), jnp.float32).at[:, 0].set(lp)
+
+  def body(i, state):
+    out, lps, cache = state
+    pos = jnp.full((b, 1), start + i - 1, jnp.int32)
+    prev = jax.lax.dynamic_slice_in_dim(out, i - 1, 1, axis=1)
+    logits, cache = model.apply({'params': params}, prev, pos, cache, method='decode')
+    tok, lp = pick(logits[:, -1], i)
+    return out.at[:, i].set(tok), lps.at[:, i].set(lp), cache
+
+  return jax.lax.fori_loop(1, steps, body, (out, lps, cache))
+
+
+_decode_loop_jit = jax.jit(_decode_loop, static_argnums=0,
+                           static_argnames=('steps', 'temperature', 'top_k', 'top_p'))
+
+
+def generate(model: Model, params: Params, prompt: jax.Array, max_new_tokens: int, *,
+             temperature: float = 0.0, rng: jax.Array | None = None,
+             prefill_chunk: int | None = None, top_k: int | None = None,
+             top_p: float | None = None, return_state: bool = False) -> Any:
+  """Autoregressive generation with a rolling-buffer KV cache (see `init_cache`).
+
+  prompt: int [batch, prompt_len], every row the same length (no padding support).
+  Greedy at temperature 0 (top_k/top_p ignored); otherwise samples from
+  softmax(logits / temperature) restricted to the top_k tokens and/or the smallest
+  top_p nucleus, with `rng` (required). The prompt is prefilled in chunks of
+  `prefill_chunk` tokens (None: one chunk); each generated token is then decoded one
+  position at a time inside a jitted lax.fori_loop. Works for scan=True/False params.
+
+  Returns tokens [batch, prompt_len + max_new_tokens]; with return_state=True, also
+  the float32 log-probabilities [batch, max_new_tokens] of the generated tokens under
+  the untempered model, and the final cache.
+  """
+  if temperature < 0:
+    raise ValueError(f'temperature must be >= 0, got {temperature}')
+  if temperature > 0 and rng is None:
+    raise ValueError('temperature > 0 requires an rng key for sampling')
+  if top_k is not None and top_k < 1:
+    raise ValueError(f'top_k must be >= 1, got {top_k}')
+  if top_p is not None and not 0 < top_p <= 1:
+    raise ValueError(f'top_p must be in (0, 1], got {top_p}')
+  if prefill_chunk is not None and prefill_chunk < 1:
+    raise ValueError(f'prefill_chunk must be >= 1, got {prefill_chunk}')
+  prompt = jnp.asarray(prompt, jnp.int32)
+  b, t = prompt.shape
+  if t < 1 or max_new_tokens < 0:
+    raise ValueError(f'need a non-empty prompt and max_new_tokens >= 0, got {t}, {max_new_tokens}')
+  cache = init_cache(model, b, t + max_new_tokens)
+  if max_new_tokens == 0:
+    return (prompt, jnp.zeros((b, 0), jnp.float32), cache) if return_state else prompt
+  chunk = prefill_chunk or t
+  for s in range(0, t, chunk):
+    e = min(s + chunk, t)
+    positions = jnp.broadcast_to(jnp.arange(s, e, dtype=jnp.int32), (b, e - s))
+    logits, cache = _prefill_chunk(model, params, prompt[:, s:e], positions, cache)
+  if temperature == 0:
+    top_k = top_p = None  # ignored when greedy; avoids extra compiles
+  new, lps, cache = _decode_loop_jit(model, params, logits, cache, jnp.int32(t),
+                                     None if temperature == 0 else rng, steps=max_new_tokens,
+                                     temperature=float(temperature), top_k=top_k, top_p=top_p)
+  tokens = jnp.concatenate([prompt, new], axis=1)
+  return (tokens, lps, cache) if return_state else tokens
 
 
 def param_count(model_kwargs: Mapping[str, Any]) -> int:

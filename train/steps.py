@@ -42,7 +42,7 @@ def build(config, mesh, rules, model, task, example) -> Steps:
   batch_sharding = sharding.batch_sharding(mesh)
 
   def init_params(rng):
-    return model.init({'params': rng, 'dropout': rng}, example, train=False)['params']
+    return model.init({'params': rng, 'dropout': rng}, example)['params']  # Models default to eval mode.
 
   boxed = jax.eval_shape(init_params, init_key)
   param_shardings = sharding.param_shardings(boxed, mesh, rules)

@@ -86,12 +86,17 @@ class LanguageModel:
 
   def eval_sums(self, model, params, batch):
     losses, correct, mask = self._token_losses(model, params, batch, None, False)
-    return {'loss': (losses * mask).sum(), 'correct': (correct * mask).sum(), 'count': mask.sum()}
+    real = batch['segment_ids'] != 0
+    if 'mask' in batch:
+      real = real & batch['mask'][:, None]
+    # 'count' is every real token seen (the loop checks it against the split), 'predicted' the scored pairs.
+    return {'loss': (losses * mask).sum(), 'correct': (correct * mask).sum(), 'predicted': mask.sum(),
+            'count': real.sum().astype(jnp.float32)}
 
   def eval_summary(self, sums: Mapping[str, float]) -> dict[str, float]:
-    loss = sums['loss'] / max(sums['count'], 1.0)
+    loss = sums['loss'] / max(sums['predicted'], 1.0)
     return {'eval/loss': loss, 'eval/perplexity': float(np.exp(loss)),
-            'eval/accuracy': sums['correct'] / max(sums['count'], 1.0), 'eval/tokens': sums['count']}
+            'eval/accuracy': sums['correct'] / max(sums['predicted'], 1.0), 'eval/tokens': sums['predicted']}
 
 
 TASKS = {'classification': Classification, 'language_model': LanguageModel}

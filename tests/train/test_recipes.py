@@ -45,3 +45,26 @@ def test_nfnet_recipe_masks_select_by_parameter_name():
     assert decayed[name] == is_weight, name  # No decay on gains, biases or skip gains.
     assert agc_excluded[name] == (name == 'head/kernel'), name
   assert any(n.endswith('skip_gain') for n in names) and any(n.endswith('/gain') for n in names)
+
+
+def test_mistral_tiny_trains_on_8_devices_with_fsdp_and_tensor_parallelism(tmp_path):
+  from configs import mistral_tiny
+  corpus = tmp_path / 'corpus'
+  corpus.mkdir()
+  for i in range(60):  # Enough files that the hash split gives a validation document.
+    (corpus / f'doc{i:02d}.txt').write_text(f'Document {i}: ' + 'the quick brown fox jumps over the lazy dog. ' * (i % 7 + 3))
+  c = mistral_tiny.get_config()
+  c.model.update(embed_dim=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=64,
+                 sliding_window=8, block_size=8)
+  c.data.update(files=str(corpus / '*.txt'), data_dir=str(tmp_path / 'tfds'), seq_len=32, num_threads=1, prefetch=1)
+  c.batch_size = c.eval_batch_size = 8
+  c.total_steps, c.log_every_steps, c.eval_every_steps, c.checkpoint_every_steps = 3, 1, 3, 3
+  c.schedule.warmup_steps = 1
+  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 2, 2, 2
+  out = loop.train(c, str(tmp_path / 'workdir'))
+  records = metrics_lib.read_metrics(str(tmp_path / 'workdir'))
+  assert [r['step'] for r in records] == [1, 2, 3]
+  assert all(np.isfinite(r['train/loss']) for r in records) and records[-1]['eval/tokens'] > 0
+  query = out['state']['params']['layer_0']['attn']['query']['kernel']  # (embed, heads, head_dim)
+  assert tuple(query.sharding.spec)[:2] == ('fsdp', 'tensor')
+  assert query.addressable_shards[0].data.shape == (16, 2, 8)

@@ -1,0 +1,40 @@
+r"""A CPU-sized Mistral decoder trained from scratch on real text present on every machine: the running
+Python's standard-library sources (`local_text/stdlib`, ~5 MB, built offline on first use), byte-level
+tokens (259 ids; the vocabulary is padded to 320 so it splits over tensor-parallel devices), rows of 256
+packed tokens and a sliding window of 64 (smaller than the sequence, so the window
+matters), grouped-query attention with 2 K/V heads for 4 query heads.
+
+  python -m train --config=configs/mistral_tiny.py --workdir=workdirs/mistral_tiny
+
+Your own corpus instead: --config.data.files='/path/to/texts/**/*.txt'.
+"""
+import ml_collections
+
+from configs import common
+
+
+def get_config(arg=None):
+  del arg
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.model_name = 'mistral'
+  c.model = dict(embed_dim=128, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=32, mlp_dim=384,
+                 sliding_window=64, vocab_size=320, norm_eps=1e-5, rope_theta=10_000.0, tie_embeddings=False,
+                 dtype='float32', scan=False, remat='none', attention_impl='blockwise', block_size=64)
+  c.task = dict(name='language_model')
+
+  c.data = dict(format='packed_text', name='local_text/stdlib', files=common.optional(str),
+                data_dir=common.optional(str), train_split='train', eval_split='validation',
+                tokenizer='bytes', seq_len=256, num_threads=2, prefetch=2)
+  c.batch_size = 16
+  c.eval_batch_size = 16
+  c.total_steps = 400
+  c.log_every_steps = 20
+  c.eval_every_steps = 200
+  c.checkpoint_every_steps = 200
+
+  c.optimizer = common.adamw(weight_decay=0.1, grad_clip_norm=1.0)
+  c.schedule = common.schedule(base_learning_rate=3e-3, warmup_steps=40)
+  c.mesh = common.mesh(data=-1)
+  c.sharding_rules = common.sharding_rules()
+  return c

@@ -1,0 +1,121 @@
+"""Tests for models.mistral.generate: rolling-buffer KV cache, chunked prefill, sampling, HF parity."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from models import mistral
+
+KWARGS = dict(embed_dim=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=64,
+              sliding_window=3, vocab_size=61, norm_eps=1e-5, rope_theta=10000.0)
+NEW = 12  # generated tokens: several times past the window
+
+
+def _params(window: int | None, seed: int = 0) -> dict:
+  model = mistral.Model(**{**KWARGS, 'sliding_window': window})
+  params = nn.meta.unbox(model.init({'params': jax.random.key(seed)},
+                                    jnp.zeros((1, 4), jnp.int32))['params'])
+  # Random norm scales and larger weights than the init, so the argmax is well separated.
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda x: np.asarray(
+      rng.normal(1.0, 0.5, x.shape) if x.ndim == 1 else np.asarray(x) * 4, np.float32), params)
+
+
+def _prompt(b: int, t: int, seed: int = 0) -> np.ndarray:
+  return np.random.default_rng(seed).integers(0, KWARGS['vocab_size'], (b, t)).astype(np.int32)
+
+
+def _rescored(model: mistral.Model, params: dict, tokens: np.ndarray, t: int) -> np.ndarray:
+  """Log-probabilities of tokens[:, t:] from ONE uncached forward pass over the full sequence."""
+  logp = jax.nn.log_softmax(jax.jit(model.apply)({'params': params}, tokens), axis=-1)
+  return np.take_along_axis(np.asarray(logp[:, t - 1:-1]), tokens[:, t:, None], -1)[..., 0]
+
+
+def _hf(window: int | None, params: dict) -> transformers.MistralForCausalLM:
+  config, sd = mistral.to_hf({**KWARGS, 'sliding_window': window}, params)
+  config = transformers.MistralConfig(**{k: v for k, v in config.items()
+                                         if k not in ('model_type', 'architectures')},
+                                      attn_implementation='eager', bos_token_id=None,
+                                      eos_token_id=None, pad_token_id=None)
+  model = transformers.MistralForCausalLM(config).float().eval()
+  model.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in sd.items()})
+  return model
+
+
+@pytest.mark.parametrize('window,t', [(3, 7), (4, 9), (None, 7)])
+def test_greedy_cache_matches_rescoring_and_hf(window, t):
+  params = _params(window)
+  model = mistral.Model(**{**KWARGS, 'sliding_window': window})
+  prompt = _prompt(2, t)
+  tokens, logprobs, cache = mistral.generate(model, params, prompt, NEW, return_state=True)
+  tokens, logprobs = np.asarray(tokens), np.asarray(logprobs)
+  assert tokens.shape == (2, t + NEW) and logprobs.shape == (2, NEW)
+  np.testing.assert_array_equal(tokens[:, :t], prompt)
+  np.testing.assert_allclose(logprobs, _rescored(model, params, tokens, t), atol=1e-5, rtol=0)
+
+  # Constant-size rolling buffer: S = W slots (all positions without a window), holding the
+  # last S positions fed to the model (the last generated token is never fed back).
+  slots = t + NEW if window is None else window
+  assert cache['k'].shape == cache['v'].shape == (2, 2, slots, 2, 8)
+  last = t + NEW - 1
+  want_pos = np.arange(last - slots, last) if window else np.r_[np.arange(last), -1]
+  np.testing.assert_array_equal(np.sort(np.asarray(cache['pos']), axis=1),
+                                np.broadcast_to(np.sort(want_pos), (2, slots)))
+
+  # Chunked prefill (chunks of 5: the last one is shorter, and longer than W) agrees.
+  chunked, chunked_lp, _ = mistral.generate(model, params, prompt, NEW, prefill_chunk=5,
+                                            return_state=True)
+  np.testing.assert_array_equal(np.asarray(chunked), tokens)
+  np.testing.assert_allclose(np.asarray(chunked_lp), logprobs, atol=1e-5, rtol=0)
+
+  # HF greedy generate on the same weights. Its sliding-window cache keeps W - 1 past
+  # keys plus the current token, i.e. exactly W keys per query, as here.
+  with torch.no_grad():
+    want = _hf(window, params).generate(torch.from_numpy(prompt).long(), max_new_tokens=NEW,
+                                        min_new_tokens=NEW, do_sample=False,
+                                        attention_mask=torch.ones(prompt.shape, dtype=torch.long))
+  np.testing.assert_array_equal(tokens, want.numpy())
+
+
+def test_scan_params_generate_same():
+  params = _params(4, seed=1)
+  prompt = _prompt(2, 9, seed=1)
+  want = mistral.generate(mistral.Model(**{**KWARGS, 'sliding_window': 4}), params, prompt, NEW)
+  scan_model = mistral.Model(**{**KWARGS, 'sliding_window': 4}, scan=True)
+  got, logprobs, cache = mistral.generate(scan_model, mistral.stack_layers(params), prompt, NEW,
+                                          prefill_chunk=5, return_state=True)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  assert cache['k'].shape == (2, 2, 4, 2, 8)
+  np.testing.assert_allclose(np.asarray(logprobs),
+                             _rescored(scan_model, mistral.stack_layers(params), np.asarray(got), 9),
+                             atol=1e-5, rtol=0)
+
+
+def test_sampling_limits_equal_greedy():
+  params = _params(3)
+  model = mistral.Model(**KWARGS)
+  prompt = _prompt(2, 7)
+  greedy = np.asarray(mistral.generate(model, params, prompt, NEW))
+  rng = jax.random.key(0)
+  top1 = mistral.generate(model, params, prompt, NEW, temperature=1.0, rng=rng, top_k=1)
+  np.testing.assert_array_equal(np.asarray(top1), greedy)
+  nucleus = mistral.generate(model, params, prompt, NEW, temperature=1.0, rng=rng, top_p=1e-6)
+  np.testing.assert_array_equal(np.asarray(nucleus), greedy)
+
+
+def test_sample_logits_filters():
+  logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]]))
+  keys = jax.random.split(jax.random.key(0), 400)
+  draw = jax.jit(jax.vmap(lambda k: mistral.sample_logits(logits, k, 1.0, top_k=2)))
+  assert set(np.unique(np.asarray(draw(keys)))) == {0, 1}
+  draw = jax.jit(jax.vmap(lambda k: mistral.sample_logits(logits, k, 1.0, top_p=0.7)))
+  assert set(np.unique(np.asarray(draw(keys)))) == {0, 1}  # 0.5 < 0.7 <= 0.8
+
+
+def test_temperature_without_rng_raises():
+  model = mistral.Model(**KWARGS)
+  with pytest.raises(ValueError, match='rng'):
+    mistral.generate(model, {}, _prompt(1, 3), 2, temperature=0.7)
