@@ -4,6 +4,7 @@ It knows no particular model or task: `config.model_name` names a module under m
 built with `config.model`), `config.task.name` a task in train/tasks.py, `config.data` an input pipeline.
 """
 import importlib
+import os
 import pkgutil
 import signal
 import threading
@@ -111,6 +112,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict
   example = task.example_input(next(iter(eval_batches())))
 
   writer = metrics_lib.MetricWriter(workdir, enabled=process_index == 0)
+  if process_index == 0:  # What ran, for the record and for tools that reload the run (train.sample).
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      f.write(config.to_json_best_effort(indent=2))
   checkpointer = checkpoint_lib.Checkpointer(workdir, max_to_keep=config.get('checkpoints_to_keep', 3))
 
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):

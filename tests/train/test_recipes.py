@@ -68,3 +68,11 @@ def test_mistral_tiny_trains_on_8_devices_with_fsdp_and_tensor_parallelism(tmp_p
   query = out['state']['params']['layer_0']['attn']['query']['kernel']  # (embed, heads, head_dim)
   assert tuple(query.sharding.spec)[:2] == ('fsdp', 'tensor')
   assert query.addressable_shards[0].data.shape == (16, 2, 8)
+  # The sampling command reloads exactly these parameters from the workdir and continues a prompt.
+  from models import mistral
+  from train import sample
+  config, model, params, step = sample.load(str(tmp_path / 'workdir'))
+  assert step == 3 and config.model.sliding_window == 8
+  jax.tree.map(np.testing.assert_array_equal, params, jax.device_get(out['state']['params']))
+  tokens = mistral.generate(model, params, np.array([[1, 40, 41]], np.int32), 10)
+  assert tokens.shape == (1, 13) and (np.asarray(tokens) < c.model.vocab_size).all()
