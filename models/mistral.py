@@ -21,7 +21,6 @@ is constrained to ('batch', 'length', 'act_embed'), a no-op without a mesh/rules
 """
 from collections.abc import Callable, Mapping
 import functools
-import math
 from typing import Any
 
 import flax.linen as nn
@@ -29,6 +28,8 @@ import jax
 from jax.ad_checkpoint import checkpoint_name
 import jax.numpy as jnp
 import numpy as np
+
+from models import common
 
 RESIDUAL_AXES = ('batch', 'length', 'act_embed')
 EMBED_STD = 0.02  # HF initializer_range
@@ -504,10 +505,7 @@ def generate(model: Model, params: Params, prompt: jax.Array, max_new_tokens: in
 
 def param_count(model_kwargs: Mapping[str, Any]) -> int:
   """Number of parameters, computed abstractly with jax.eval_shape (no memory)."""
-  model = Model(**model_kwargs)
-  shapes = jax.eval_shape(lambda: model.init({'params': jax.random.key(0)},
-                                             jnp.zeros((1, 1), jnp.int32)))
-  return sum(math.prod(x.shape) for x in jax.tree.leaves(nn.meta.unbox(shapes['params'])))
+  return common.count_params(Model(**model_kwargs), (1, 1), jnp.int32)
 
 
 def stack_layers(params: Params) -> Params:

@@ -34,6 +34,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from models import common
+
 _BASE_WIDTHS = (256, 512, 1536, 1536)
 _PLUS_WIDTHS = (384, 768, 2048, 2048)
 _DEPTH_PATTERN = (1, 2, 6, 3)
@@ -442,10 +444,7 @@ def count(model_kwargs: Mapping[str, Any], image_hw: Pair = (224, 224)) -> dict[
 def param_count(model_kwargs: Mapping[str, Any], image_hw: Pair = (224, 224)) -> int:
   """Number of parameters, computed abstractly with jax.eval_shape (no memory)."""
   h, w = _pair(image_hw)
-  model = Model(**model_kwargs)
-  shapes = jax.eval_shape(lambda: model.init({'params': jax.random.key(0)},
-                                             jnp.zeros((1, h, w, 3), jnp.float32)))
-  return sum(math.prod(x.shape) for x in jax.tree.leaves(nn.meta.unbox(shapes['params'])))
+  return common.count_params(Model(**model_kwargs), (1, h, w, 3))
 
 
 class _Reader:

@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from models import common
+
 # name -> (width, depth, mlp_dim, num_heads)
 VARIANTS: dict[str, tuple[int, int, int, int]] = {
     'Ti': (192, 12, 768, 3),
@@ -377,10 +379,7 @@ class Model(nn.Module):
 def param_count(model_kwargs: Mapping[str, Any], image_hw: Pair = (224, 224)) -> int:
   """Number of parameters, computed abstractly with jax.eval_shape (no memory)."""
   h, w = _pair(image_hw)
-  model = Model(**model_kwargs)
-  shapes = jax.eval_shape(lambda: model.init({'params': jax.random.key(0)},
-                                             jnp.zeros((1, h, w, 3), jnp.float32)))
-  return sum(math.prod(x.shape) for x in jax.tree.leaves(nn.meta.unbox(shapes['params'])))
+  return common.count_params(Model(**model_kwargs), (1, h, w, 3))
 
 
 def stack_layers(params: Params) -> Params:
