@@ -1,4 +1,10 @@
 """Fixtures for the data tests (the prepared digits data_dir, `digits_dir`, is in tests/conftest.py)."""
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
+
 import numpy as np
 import pytest
 from sklearn.datasets import load_digits
@@ -54,3 +60,28 @@ def text_dir(tmp_path_factory, text_corpus):
   pipeline.get_source('local_text', 'train', data_dir,
                       builder_config=text.files_config(str(text_corpus / '**' / '*.txt')))
   return data_dir
+
+
+@pytest.fixture
+def run_without_tensorflow(tmp_path):
+  """Runs a Python snippet in a subprocess where `import tensorflow` is recorded and fails.
+
+  A stand-in `tensorflow` package is importable but leaves a marker file and raises, so the snippet proves
+  the code path never imports TensorFlow even on machines where it is installed.
+  """
+  repo = pathlib.Path(__file__).resolve().parents[2]
+  fake = tmp_path / 'fake' / 'tensorflow'
+  fake.mkdir(parents=True)
+  marker = tmp_path / 'imported'
+  (fake / '__init__.py').write_text(
+      f'open({str(marker)!r}, "w").close()\nraise ImportError("tensorflow must not be imported")\n')
+
+  def run(snippet: str) -> None:
+    script = textwrap.dedent(snippet) + "\nassert 'tensorflow' not in sys.modules\n"
+    env = {**os.environ, 'PYTHONPATH': os.pathsep.join([str(fake.parent), str(repo)])}
+    proc = subprocess.run([sys.executable, '-c', 'import sys\n' + script], env=env, cwd=repo,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not marker.exists()
+
+  return run
