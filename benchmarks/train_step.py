@@ -1,12 +1,21 @@
 r"""Times the jitted train step of any config, optionally beside the same architecture in PyTorch.
 
-Prints examples/s (median over timed steps after compilation), the step's FLOPs from XLA's cost analysis,
+Prints examples/s or tokens/s (median over timed steps after compilation), the step's FLOPs from XLA's cost analysis,
 the achieved FLOP/s and its ratio to this machine's measured float32 matmul peak. With --reference it
 times a forward+backward+optimizer step of timm or HF transformers on the same batch in the same run.
 
   python -m benchmarks.train_step --config=configs/vit_i1k.py --batch_size=4 --image_size=224 \
       --reference=timm:vit_base_patch16_224 --config.model.dtype=float32 --config.model.scan=False \
       --config.model.remat=False --config.model.dropout=0.0
+
+Language models get batches of random tokens (one document per row) of --seq_len; the small Mistral of
+issue 4 beside HF's MistralForCausalLM:
+
+  python -m benchmarks.train_step --config=configs/mistral_tiny.py --batch_size=4 --seq_len=1024 \
+      --reference=hf_mistral --config.model.num_layers=8 --config.model.embed_dim=512 \
+      --config.model.num_heads=8 --config.model.num_kv_heads=2 --config.model.head_dim=64 \
+      --config.model.mlp_dim=1536 --config.model.vocab_size=4096 --config.model.sliding_window=256 \
+      --config.model.block_size=256
 
 Any `--config.*` override applies. XLA's cost analysis counts the body of a loop once, so benchmark FLOPs
 with `--config.model.scan=False` (the step time itself is valid either way).
@@ -17,11 +26,11 @@ import time
 from absl import app, flags
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 from ml_collections import config_flags
 import numpy as np
 
 from train import loop, sharding, steps, tasks
+from train.compute import matmul_peak_flops
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file to benchmark.', lock_config=False)
 _BATCH = flags.DEFINE_integer('batch_size', 4, 'Global batch size.')
@@ -29,20 +38,16 @@ _IMAGE = flags.DEFINE_integer('image_size', 224, 'Square input resolution.')
 _CHANNELS = flags.DEFINE_integer('channels', 3, 'Input channels.')
 _STEPS = flags.DEFINE_integer('steps', 5, 'Timed steps (after one compile step).')
 _DEVICES = flags.DEFINE_integer('devices', 1, 'Devices to shard over (mesh data axis).')
-_REFERENCE = flags.DEFINE_string('reference', None, "timm:MODEL_NAME or 'hf_vit' (HF ViT of the config's shape).")
+_SEQ_LEN = flags.DEFINE_integer('seq_len', 1024, 'Tokens per row (language-model configs).')
+_REFERENCE = flags.DEFINE_string('reference', None, "timm:MODEL_NAME, or 'hf_vit' / 'hf_mistral' (HF model of "
+                                 "the config's shape).")
 
 
-def matmul_peak_flops(n: int = 2048, repeats: int = 10) -> float:
-  """float32 FLOP/s of a jitted n x n matmul on one device: the machine's practical peak."""
-  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-  f = jax.jit(lambda x: x @ x)
-  f(a).block_until_ready()
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    f(a).block_until_ready()
-    times.append(time.perf_counter() - t)
-  return 2 * n**3 / statistics.median(times)
+def synthetic_tokens(batch_size, seq_len, vocab_size):
+  """Random tokens, one document filling each row (the packed-text pipeline's keys)."""
+  tokens = np.random.default_rng(0).integers(0, vocab_size, (batch_size, seq_len)).astype(np.int32)
+  return {'tokens': tokens, 'segment_ids': np.ones_like(tokens),
+          'positions': np.broadcast_to(np.arange(seq_len, dtype=np.int32), tokens.shape).copy()}
 
 
 def synthetic_batch(batch_size, image_size, channels, num_classes):
@@ -61,15 +66,16 @@ def time_jax(config, batch) -> tuple[float, float]:
     fns = steps.build(config, mesh, rules, model, task, task.example_input(batch))
     state = fns.init(fns.init_key)
     global_batch = sharding.global_batch(batch, fns.batch_sharding)
-    compiled = fns.train.lower(state, global_batch).compile()
+    lr = fns.learning_rates[0]
+    compiled = fns.train.lower(state, global_batch, lr).compile()
     cost = compiled.cost_analysis()
     flops = float((cost[0] if isinstance(cost, (list, tuple)) else cost)['flops'])
-    state, metrics = compiled(state, global_batch)
+    state, metrics = compiled(state, global_batch, lr)
     jax.block_until_ready(metrics)
     times = []
     for _ in range(_STEPS.value):
       t = time.perf_counter()
-      state, metrics = compiled(state, global_batch)
+      state, metrics = compiled(state, global_batch, lr)
       jax.block_until_ready(metrics)
       times.append(time.perf_counter() - t)
   return statistics.median(times), flops
@@ -85,6 +91,11 @@ def time_reference(spec: str, config, batch) -> float:
       net = timm.create_model(spec[5:], img_size=_IMAGE.value, **kwargs)
     except TypeError:
       net = timm.create_model(spec[5:], **kwargs)
+  elif spec == 'hf_mistral':
+    import transformers
+    from models import mistral
+    hf_config = mistral.hf_config_from_kwargs(config.model.to_dict())
+    net = transformers.MistralForCausalLM(transformers.MistralConfig(**hf_config, attn_implementation='sdpa'))
   elif spec == 'hf_vit':
     import transformers
     d = loop.build_model(config).dims()
@@ -93,17 +104,23 @@ def time_reference(spec: str, config, batch) -> float:
         intermediate_size=d['mlp_dim'], patch_size=d['patch_size'][0], image_size=_IMAGE.value,
         num_channels=_CHANNELS.value, num_labels=config.model.num_classes, attn_implementation='eager'))
   else:
-    raise app.UsageError(f'--reference={spec!r}: use timm:MODEL_NAME or hf_vit.')
+    raise app.UsageError(f'--reference={spec!r}: use timm:MODEL_NAME, hf_vit or hf_mistral.')
   net.train()
   optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4)
-  images = torch.from_numpy(batch['image']).permute(0, 3, 1, 2).contiguous()
-  labels = torch.from_numpy(batch['label']).long()
+  if 'tokens' in batch:
+    tokens = torch.from_numpy(batch['tokens']).long()
+    forward_loss = lambda: net(input_ids=tokens, labels=tokens).loss  # shifted next-token cross-entropy
+  else:
+    images = torch.from_numpy(batch['image']).permute(0, 3, 1, 2).contiguous()
+    labels = torch.from_numpy(batch['label']).long()
+
+    def forward_loss():
+      out = net(images)
+      return torch.nn.functional.cross_entropy(out.logits if hasattr(out, 'logits') else out, labels)
 
   def step():
     optimizer.zero_grad(set_to_none=True)
-    out = net(images)
-    logits = out.logits if hasattr(out, 'logits') else out
-    torch.nn.functional.cross_entropy(logits, labels).backward()
+    forward_loss().backward()
     optimizer.step()
 
   step()
@@ -119,11 +136,17 @@ def main(argv):
   del argv
   config = _CONFIG.value
   config.batch_size = config.eval_batch_size = _BATCH.value
-  batch = synthetic_batch(_BATCH.value, _IMAGE.value, _CHANNELS.value, config.model.num_classes)
+  if config.task.name == 'language_model':
+    batch = synthetic_tokens(_BATCH.value, _SEQ_LEN.value, config.model.vocab_size)
+    unit = 'tokens'
+  else:
+    batch = synthetic_batch(_BATCH.value, _IMAGE.value, _CHANNELS.value, config.model.num_classes)
+    unit = 'examples'
+  per_step = batch['tokens'].size if unit == 'tokens' else _BATCH.value
   peak = matmul_peak_flops()
   seconds, flops = time_jax(config, batch)
   print(f'device: {jax.devices()[0].device_kind} x{_DEVICES.value} | matmul peak {peak / 1e9:.1f} GFLOP/s (float32)')
-  print(f'jax   {config.model_name}: {seconds * 1e3:.1f} ms/step | {_BATCH.value / seconds:.2f} examples/s | '
+  print(f'jax   {config.model_name}: {seconds * 1e3:.1f} ms/step | {per_step / seconds:.2f} {unit}/s | '
         f'{flops / 1e9:.4g} GFLOP/step (XLA) | {flops / seconds / 1e9:.1f} GFLOP/s | '
         f'{100 * flops / seconds / peak:.1f}% of peak')
   if config.model.get('scan'):
@@ -131,7 +154,7 @@ def main(argv):
           '(rerun with --config.model.scan=False for the FLOP figures)')
   if _REFERENCE.value:
     ref = time_reference(_REFERENCE.value, config, batch)
-    print(f'torch {_REFERENCE.value}: {ref * 1e3:.1f} ms/step | {_BATCH.value / ref:.2f} examples/s | '
+    print(f'torch {_REFERENCE.value}: {ref * 1e3:.1f} ms/step | {per_step / ref:.2f} {unit}/s | '
           f'{flops / ref / 1e9:.1f} GFLOP/s at the same FLOPs | jax/torch speed {ref / seconds:.2f}x')
 
 

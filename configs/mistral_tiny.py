@@ -18,6 +18,7 @@ def get_config(arg=None):
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.model_name = 'mistral'
+  c.init_params = common.optional(str)  # an imported model (python -m train.convert import) or a workdir
   c.model = dict(embed_dim=128, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=32, mlp_dim=384,
                  sliding_window=64, vocab_size=320, norm_eps=1e-5, rope_theta=10_000.0, tie_embeddings=False,
                  dtype='float32', scan=False, remat='none', attention_impl='blockwise', block_size=64)

@@ -25,8 +25,9 @@ reference applies RandAugment and normalisation after mixing (its NFNet config s
 augment_before_mix=False); to reproduce that, leave pp_train in 0..255 and put them in pp_after:
   pp_train='decode|inception_crop(224)|flip_lr|onehot(1000)|keep("image", "labels")',
   mix=dict(mixup_alpha=0.2, cutmix_alpha=1.0, pp_after='randaugment(4, 10)|value_range(-1, 1)')
-The mixing randomness, and each pp_after example's, is seeded from (seed, process_index, batch
-index), so get_state/set_state resume exactly.
+The mixing randomness, and each pp_after example's, is seeded from (seed, index of the mixed chunk
+in the global stream), so get_state/set_state resume exactly. Each process mixes within its own
+share of a global batch, so mixed batches (unlike unmixed ones) depend on the process count.
 """
 from collections.abc import Callable, Iterator, Sequence
 import os
@@ -200,16 +201,31 @@ def _is_packed_text(data_config) -> bool:
   return fmt == 'packed_text'
 
 
+def _process_share(chunks: grain.MapDataset, process_index: int, process_count: int) -> grain.MapDataset:
+  """Chunk b * process_count + process_index of `chunks` for b = 0, 1, ...: this process's share.
+
+  With `chunks` the local-batch-sized runs of a global stream, global batch b is chunks
+  [b * P, (b + 1) * P) and process p reads (lazily) only the p-th of them.
+  """
+  if not 0 <= process_index < process_count:
+    raise ValueError(f'process_index={process_index} not in [0, process_count={process_count}).')
+  return chunks[process_index::process_count]
+
+
 def make_train_iter(data_config, *, global_batch_size: int, seed: int, process_index: int = 0,
                     process_count: int = 1) -> grain.DatasetIterator:
-  """Infinite, checkpointable iterator of local training batches (this process's data slice).
+  """Infinite, checkpointable iterator of this process's share of each global training batch.
 
   A config with `format='packed_text'` reads tokenized, packed text rows (see `make_lm_train_iter`).
 
-  Each epoch of the slice is reshuffled (grain folds the epoch into the shuffle seed) and every
-  example's augmentation RNG is derived from (seed, process_index, position in the stream), and the
-  mixing RNG (with `mix`) from (seed, process_index, batch index), so `get_state`/`set_state` (or
-  grain.checkpoint.CheckpointSave/Restore) resume exactly. Batches may span epoch boundaries.
+  The global stream is the whole split, in a permutation drawn from `seed` anew every epoch (grain
+  folds the epoch into the shuffle seed), each example augmented with an RNG from (seed, stream
+  position). Global batch b is stream positions [b * B, (b + 1) * B) and process p reads only its
+  contiguous share [b * B + p * B / P, b * B + (p + 1) * B / P), so the global batches depend on
+  (seed, B) alone: P processes together see exactly what one process sees. With `mix`, each process
+  mixes its share of 2B fresh examples, with an RNG from (seed, index of that share in the stream),
+  so mixed batches do depend on P. `get_state`/`set_state` (or grain.checkpoint.CheckpointSave/Restore)
+  resume exactly. Batches may span epoch boundaries.
   """
   if _is_packed_text(data_config):
     return make_lm_train_iter(data_config, global_batch_size=global_batch_size, seed=seed,
@@ -217,36 +233,36 @@ def make_train_iter(data_config, *, global_batch_size: int, seed: int, process_i
   batch_size = _local_batch_size(global_batch_size, process_count)
   src = get_source(_cfg(data_config, 'name'), _cfg(data_config, 'train_split'),
                    _cfg(data_config, 'data_dir'))
-  lo, hi = _process_bounds(len(src), process_index, process_count)
-  if hi == lo:
-    raise ValueError(f'Process {process_index} of {process_count} gets no training examples.')
+  if len(src) == 0:
+    raise ValueError(f'Train split {_cfg(data_config, "train_split")!r} is empty.')
   mix = _mix_config(data_config)
-  shuffle_seed, pp_seed, mix_seed = (int(s) for s in np.random.SeedSequence(
-      [seed, process_index]).generate_state(3))
-  ds = grain.MapDataset.source(src)[lo:hi]
+  shuffle_seed, pp_seed, mix_seed = (int(s) for s in np.random.SeedSequence(seed).generate_state(3))
+  ds = grain.MapDataset.source(src)
   if _cfg(data_config, 'shuffle'):
     ds = ds.shuffle(seed=shuffle_seed)
   ds = ds.repeat().random_map(_Prepare(_cfg(data_config, 'pp_train')), seed=pp_seed)
   if mix is None:
     ds = ds.batch(batch_size, drop_remainder=True)
   else:  # Each output example mixes two fresh ones (as in the NFNet reference).
+    # Mixed before the share is taken, so the RNG index is the share's place in the whole stream.
     ds = ds.batch(2 * batch_size, drop_remainder=True).random_map(_Mix(**mix), seed=mix_seed)
+  ds = _process_share(ds, process_index, process_count)
   return iter(ds.to_iter_dataset(_read_options(data_config)))
 
 
-class _PaddedSlice:
-  """Records [lo, hi) of `src` as (record, True), then (src[fill], False) up to `size`."""
+class _Padded:
+  """The records of `src` as (record, True), then (src[0], False) up to `size`."""
 
-  def __init__(self, src, lo: int, hi: int, size: int):
-    self._src, self._lo, self._hi, self._size = src, lo, hi, size
+  def __init__(self, src, size: int):
+    self._src, self._size = src, size
 
   def __len__(self) -> int:
     return self._size
 
   def __getitem__(self, i: int):
-    if self._lo + i < self._hi:
-      return self._src[self._lo + i], True
-    return self._src[min(self._lo, len(self._src) - 1)], False
+    if i < len(self._src):
+      return self._src[i], True
+    return self._src[0], False
 
 
 def make_eval_iter(data_config, *, global_batch_size: int, process_index: int = 0,
@@ -255,9 +271,10 @@ def make_eval_iter(data_config, *, global_batch_size: int, process_index: int = 
 
   A config with `format='packed_text'` gives packed text rows and the number of real tokens instead.
 
-  Every example of the split appears exactly once over all processes with mask=True; each process
-  pads its slice with masked copies of a real example so that all processes yield the same number
-  of full batches.
+  Global batch b is examples [b * B, (b + 1) * B) of the split in order, the last one padded with
+  masked (mask=False) copies of a real example; process p reads its contiguous share of each, as
+  in training. So every example appears exactly once over all processes with mask=True, every
+  process yields the same number of batches, and the global batches do not depend on P.
   """
   if _is_packed_text(data_config):
     return make_lm_eval_iter(data_config, global_batch_size=global_batch_size, process_index=process_index,
@@ -268,12 +285,11 @@ def make_eval_iter(data_config, *, global_batch_size: int, process_index: int = 
   n = len(src)
   if n == 0:
     raise ValueError(f'Eval split {_cfg(data_config, "eval_split")!r} is empty.')
-  lo, hi = _process_bounds(n, process_index, process_count)
-  largest_slice = -(-n // process_count)
-  num_batches = -(-largest_slice // batch_size)
-  ds = grain.MapDataset.source(_PaddedSlice(src, lo, hi, num_batches * batch_size))
+  num_batches = -(-n // global_batch_size)
+  ds = grain.MapDataset.source(_Padded(src, num_batches * global_batch_size))
   ds = ds.random_map(_PrepareWithMask(_cfg(data_config, 'pp_eval')), seed=0)
-  ds = ds.batch(batch_size, drop_remainder=True).to_iter_dataset(_read_options(data_config))
+  ds = _process_share(ds.batch(batch_size, drop_remainder=True), process_index, process_count)
+  ds = ds.to_iter_dataset(_read_options(data_config))
   return (lambda: iter(ds)), n
 
 
@@ -367,3 +383,24 @@ def make_lm_eval_iter(data_config, *, global_batch_size: int, process_index: int
       raise RuntimeError('Eval packing made more rows than counted.')
 
   return batches, int(lengths.sum())
+
+
+def num_train_examples(data_config) -> int:
+  """Training examples (model inputs) in one epoch of the train split, for epoch budgets.
+
+  The split's records, half as many with `mix` (each mixed example consumes two); for packed_text the rows
+  its tokens pack into, ceil(tokens / seq_len), counted by tokenizing the whole split once. A
+  `num_train_examples` field in the config gives the records (rows) instead of counting them: for a split
+  too large to count, or one not at hand.
+  """
+  given = data_config.get('num_train_examples')
+  if _is_packed_text(data_config):
+    if given:
+      return int(given)
+    tokenize = packing.Tokenize(tokenizers.get_tokenizer(_lm_cfg(data_config, 'tokenizer')))
+    lengths = grain.MapDataset.source(_lm_source(data_config, 'train_split')).map(
+        lambda ex: len(tokenize(ex)['tokens']))
+    return packing.num_rows(list(lengths.to_iter_dataset(_read_options(data_config))), _seq_len(data_config))
+  records = int(given) if given else len(
+      get_source(_cfg(data_config, 'name'), _cfg(data_config, 'train_split'), _cfg(data_config, 'data_dir')))
+  return records // 2 if _mix_config(data_config) else records

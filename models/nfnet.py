@@ -393,8 +393,8 @@ class Model(nn.Module):
     return x.astype(jnp.float32)
 
 
-def count(model_kwargs: Mapping[str, Any], image_hw: Pair = (224, 224)) -> dict[str, int]:
-  """Analytic parameter and multiply-accumulate counts for one image of size image_hw.
+def count(model_kwargs: Mapping[str, Any], image_hw: Pair = (224, 224), channels: int = 3) -> dict[str, int]:
+  """Analytic parameter and multiply-accumulate counts for one image of size image_hw with `channels`.
 
   params: conv kernels, WS gains and biases, SE kernels and biases, skip gains and the classifier.
   macs: conv MACs (out_h * out_w * kh * kw * in/groups * out, SAME padding: out = ceil(in / stride)), the SE
@@ -417,7 +417,7 @@ def count(model_kwargs: Mapping[str, Any], image_hw: Pair = (224, 224)) -> dict[
     totals['params'] += cin * cout + cout
     totals['macs'] += cin * cout
 
-  ch = 3
+  ch = channels
   for width, stride in a.stem:
     h, w = conv(h, w, 3, ch, width, stride)
     ch = width
@@ -439,6 +439,12 @@ def count(model_kwargs: Mapping[str, Any], image_hw: Pair = (224, 224)) -> dict[
   if model.num_classes:
     dense(a.final_width, model.num_classes)
   return totals
+
+
+def forward_flops(model_kwargs: Mapping[str, Any], input_shape: tuple[int, ...]) -> float:
+  """Forward FLOPs of one (H, W, C) image: 2 x the convolution and dense MACs of `count`."""
+  h, w, c = input_shape
+  return 2.0 * count(model_kwargs, (h, w), c)['macs']
 
 
 def param_count(model_kwargs: Mapping[str, Any], image_hw: Pair = (224, 224)) -> int:

@@ -32,6 +32,7 @@ VARIANTS: dict[str, tuple[int, int, int, int]] = {
     'H': (1280, 32, 5120, 16),
     'g': (1408, 40, 6144, 16),
     'G': (1664, 48, 8192, 16),
+    'So400m': (1152, 27, 4304, 16),  # shape-optimised ViT (Alabdulmohsin et al. 2023)
 }
 POS_EMBED_STD = 0.02  # timm / HF convention for learned position embeddings
 RESIDUAL_AXES = ('batch', 'length', 'act_embed')
@@ -374,6 +375,36 @@ class Model(nn.Module):
                          f'needs {n}; {hint}.')
     return self.param('pos_embedding', _boxed(nn.initializers.normal(POS_EMBED_STD),
                                               (None, None, 'embed')), (1, n, width))
+
+
+def forward_flops(model_kwargs: Mapping[str, Any], input_shape: tuple[int, ...]) -> float:
+  """Forward FLOPs of one (H, W, C) image: 2 x the MACs of the patch embedding, every block's q/k/v/out
+  projections, attention scores and weighted sum (N^2 terms) and MLP, the pooling head and the classifier.
+  Norms, softmax, GELU, biases and position embeddings are left out."""
+  model = Model(**model_kwargs)
+  d = model.dims()
+  width, mlp, (ph, pw) = d['width'], d['mlp_dim'], d['patch_size']
+  h, w, c = input_shape
+  patches = (h // ph) * (w // pw)
+  tokens = patches + (model.pool_type == 'tok')
+
+  def attention(queries: int, keys: int) -> int:
+    projections = (2 * queries + 2 * keys) * width * width  # q and out per query, k and v per key
+    return projections + 2 * queries * keys * width  # scores and weighted sum over all heads
+
+  macs = patches * ph * pw * c * width
+  macs += d['depth'] * (attention(tokens, tokens) + 2 * tokens * width * mlp)
+  outputs = 1
+  if model.pool_type == 'map':
+    macs += attention(1, tokens) + 2 * width * mlp
+  elif model.pool_type == 'none':
+    outputs = tokens
+  features = width
+  if model.representation_size:
+    macs += outputs * width * model.representation_size
+    features = model.representation_size
+  macs += outputs * features * model.num_classes
+  return 2.0 * macs
 
 
 def param_count(model_kwargs: Mapping[str, Any], image_hw: Pair = (224, 224)) -> int:

@@ -6,6 +6,7 @@ os.environ.setdefault('JAX_NUM_CPU_DEVICES', '8')
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
 import jax  # noqa: E402
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from data import pipeline  # noqa: E402
@@ -19,3 +20,38 @@ def digits_dir(tmp_path_factory):
   data_dir = str(tmp_path_factory.mktemp('tfds'))
   pipeline.get_source('digits', 'train', data_dir)
   return data_dir
+
+
+def _to_original_format(hf_sd: dict, head_dim: int) -> dict:
+  """HF names/layout -> the original release's, written from the documented conversion rule:
+  within each head, HF query/key row j came from original row 2j and row head_dim/2 + j from 2j+1."""
+  top = {'model.embed_tokens.weight': 'tok_embeddings.weight', 'model.norm.weight': 'norm.weight',
+         'lm_head.weight': 'output.weight'}
+  inner = {'input_layernorm': 'attention_norm', 'post_attention_layernorm': 'ffn_norm',
+           'self_attn.q_proj': 'attention.wq', 'self_attn.k_proj': 'attention.wk',
+           'self_attn.v_proj': 'attention.wv', 'self_attn.o_proj': 'attention.wo',
+           'mlp.gate_proj': 'feed_forward.w1', 'mlp.up_proj': 'feed_forward.w3',
+           'mlp.down_proj': 'feed_forward.w2'}
+  out = {}
+  for name, w in hf_sd.items():
+    if name in top:
+      out[top[name]] = w
+      continue
+    _, _, i, rest = name.split('.', 3)
+    module = rest[:-len('.weight')]
+    if module in ('self_attn.q_proj', 'self_attn.k_proj'):
+      original = np.empty_like(w)
+      half = head_dim // 2
+      for h in range(w.shape[0] // head_dim):
+        for j in range(half):
+          original[h * head_dim + 2 * j] = w[h * head_dim + j]
+          original[h * head_dim + 2 * j + 1] = w[h * head_dim + half + j]
+      w = original
+    out[f'layers.{i}.{inner[module]}.weight'] = w
+  return out
+
+
+@pytest.fixture(scope='session')
+def original_state_dict():
+  """Mistral HF state dict (numpy) -> original-release names and RoPE row layout: fn(hf_sd, head_dim)."""
+  return _to_original_format

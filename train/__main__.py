@@ -13,6 +13,11 @@ _CONFIG = config_flags.DEFINE_config_file('config', None, 'Path to a config file
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints and metrics.jsonl (resumed if present).')
 _TRACEBACK = flags.DEFINE_bool('traceback', False, 'Show full tracebacks for configuration errors.')
+_COORDINATOR = flags.DEFINE_string('coordinator_address', None, 'HOST:PORT of process 0 in a multi-process run '
+                                   '(default $JAX_COORDINATOR_ADDRESS; TPU slices are detected without it).')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes in the run (default $JAX_NUM_PROCESSES).')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process\'s index, 0..num_processes-1 '
+                                   '(default $JAX_PROCESS_ID).')
 
 
 def _fail(message: str, code: int = 2):
@@ -51,6 +56,11 @@ def _parse(argv):
 
 def main(argv):
   del argv
+  from train import distributed
+  try:  # Before anything starts a JAX backend.
+    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  except ValueError as e:
+    _fail(str(e))
   import tensorflow_datasets as tfds
   from train import loop  # After flag parsing, so --help is fast and errors come first.
   tfds.disable_progress_bar()
@@ -63,6 +73,7 @@ def main(argv):
     if _TRACEBACK.value:
       raise
     _fail(f'{" ".join(str(e).split())} (--traceback for details)')
+  distributed.shutdown()
 
 
 if __name__ == '__main__':

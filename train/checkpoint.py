@@ -51,3 +51,33 @@ class Checkpointer:
 
 def abstract_with_shardings(tree, shardings):
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def save_params(directory: str, params) -> None:
+  """Writes a parameters-only checkpoint (numpy or jax leaves) to DIRECTORY/params."""
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(os.path.join(os.path.abspath(directory), 'params'), params, force=True)
+
+
+def restore_params(path: str, abstract_params, *, step: int | None = None, key: str = 'params'):
+  """Parameters only, into the shapes, dtypes (cast on read) and shardings of `abstract_params`.
+
+  `path` is a directory written by `python -m train.convert import` (PATH/params) or a training workdir
+  (its latest checkpoint's state[key], or `step`'s; the optimizer state is never read).
+  """
+  path = os.path.abspath(path)
+  if os.path.isdir(os.path.join(path, 'params')):
+    with ocp.StandardCheckpointer() as checkpointer:
+      return checkpointer.restore(os.path.join(path, 'params'), abstract_params)
+  directory = os.path.join(path, 'checkpoints')
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f'{path} has neither params/ (an imported model) nor checkpoints/ (a training '
+                            'workdir); point at one of those.')
+  with ocp.CheckpointManager(directory) as manager:
+    step = manager.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f'no checkpoint under {directory}: train first.')
+    target = {key: abstract_params}
+    args = ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                                  partial_restore=True)
+    return manager.restore(step, args=ocp.args.Composite(state=args))['state'][key]

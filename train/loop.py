@@ -4,6 +4,7 @@ It knows no particular model or task: `config.model_name` names a module under m
 built with `config.model`), `config.task.name` a task in train/tasks.py, `config.data` an input pipeline.
 """
 import importlib
+import json
 import os
 import pkgutil
 import signal
@@ -18,6 +19,7 @@ import numpy as np
 
 from data import pipeline
 from train import checkpoint as checkpoint_lib
+from train import compute
 from train import metrics as metrics_lib
 from train import sharding, tasks
 from train import steps as steps_lib
@@ -46,8 +48,8 @@ def check_config(config, num_devices: int, process_count: int) -> tuple[int, ...
   missing = [f for f in REQUIRED_FIELDS if f not in config]
   if missing:
     raise ValueError(f'config lacks fields {missing}; every config sets {list(REQUIRED_FIELDS)}.')
-  if config.total_steps <= 0:
-    raise ValueError(f'total_steps={config.total_steps} must be positive.')
+  if config.total_steps <= 0 and not config.get('budget'):  # A budget sets total_steps.
+    raise ValueError(f'total_steps={config.total_steps} must be positive (or set config.budget).')
   shape = sharding.mesh_shape(config.mesh, num_devices)
   data_parallel = shape[0] * shape[1]
   for name in ('batch_size', 'eval_batch_size'):
@@ -87,6 +89,30 @@ class _StopFlag:
       signal.signal(signal.SIGTERM, self._previous)
 
 
+def _initial_params(config, fns):
+  """config.init_params: parameters of an imported model (train.convert) or of another run's workdir.
+
+  Used when the run starts fresh; a resumed run restores its own checkpoint instead.
+  """
+  path = config.init_params
+  source_config = os.path.join(path, 'config.json')
+  if not os.path.exists(source_config):
+    raise FileNotFoundError(f'init_params={path!r} has no config.json: point it at a directory written by '
+                            '`python -m train.convert import` or a training workdir.')
+  with open(source_config) as f:
+    source = json.load(f)
+  ours = config.model.to_dict() if isinstance(config.model, ml_collections.ConfigDict) else dict(config.model)
+  # Compute options (dtype, remat, attention_impl, ...) may differ; anything shaping a parameter may not.
+  shaping = set(source.get('model', {})) & set(ours) - {'dtype', 'remat', 'attention_impl', 'block_size',
+                                                        'dropout', 'conv_impl'}
+  differ = {k: (source['model'][k], ours[k]) for k in sorted(shaping) if source['model'][k] != ours[k]}
+  if source.get('model_name') != config.model_name or differ:
+    raise ValueError(f'init_params={path!r} holds {source.get("model_name")} with {differ or "another model"} '
+                     '(theirs, ours); make config.model match it (or re-import with --scan to match scan).')
+  target = checkpoint_lib.abstract_with_shardings(fns.abstract_state['params'], fns.state_shardings['params'])
+  return checkpoint_lib.restore_params(path, target)
+
+
 class NonFiniteLossError(FloatingPointError):
   pass
 
@@ -110,6 +136,21 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict
   eval_batches, num_eval = pipeline.make_eval_iter(config.data, global_batch_size=eval_batch_size,
                                                    process_index=process_index, process_count=process_count)
   example = task.example_input(next(iter(eval_batches())))
+  # Training FLOPs count a training example, whose shape may differ from an eval one (224 vs 256 pixels):
+  # peek at the first training batch and rewind the iterator, so the data order is untouched.
+  position = train_iter.get_state()
+  input_shape = tuple(task.example_input(next(train_iter)).shape[1:])
+  train_iter.set_state(position)
+  flops_per_example = compute.train_flops_per_example(config, input_shape)
+  hardware = compute.run_hardware(config, devices)
+  if config.get('budget'):  # Before the steps are built, so the schedule follows the budget.
+    num_examples = pipeline.num_train_examples(config.data)
+    config.total_steps = compute.resolve_budget(config, num_train_examples=num_examples, input_shape=input_shape)
+    if process_index == 0:
+      print(compute.budget_summary(config, config.total_steps, num_train_examples=num_examples,
+                                   flops_per_example=flops_per_example, hardware=hardware), flush=True)
+  if hardware:
+    compute.peak_flops(hardware)  # 'cpu' is measured here, not between training steps.
 
   writer = metrics_lib.MetricWriter(workdir, enabled=process_index == 0)
   if process_index == 0:  # What ran, for the record and for tools that reload the run (train.sample).
@@ -132,7 +173,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict
       return task.eval_summary(sums)
 
     latest = checkpointer.latest_step()
-    if latest is None:
+    if latest is None and config.get('init_params'):
+      state = fns.init_from_params(_initial_params(config, fns))
+      meta = {'core_hours': 0.0}
+    elif latest is None:
       state = fns.init(fns.init_key)
       meta = {'core_hours': 0.0}
     else:
@@ -142,7 +186,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict
         print(f'resumed from {checkpointer.directory} at step {latest}', flush=True)
     step = int(jax.device_get(state['step']))
     writer.truncate_after(step)
-    progress = metrics_lib.Progress(config.total_steps, step, config.batch_size, len(devices),
+    progress = metrics_lib.Progress(config.total_steps, step, config.batch_size,
+                                    len(devices) * compute.CORES_PER_DEVICE.get(hardware, 1),
                                     core_hours_before=meta.get('core_hours', 0.0), enabled=process_index == 0)
     pending: list[tuple[int, Any]] = []  # Step metrics not yet checked on the host (no per-step sync).
     last_saved = latest
@@ -166,6 +211,20 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict
       checkpointer.save(at_step, state, train_iter, {'core_hours': progress.core_hours()})
       last_saved = at_step
 
+    train_step = None
+    once = {'compute/flops_per_example_analytic': flops_per_example,  # On the first logged line.
+            'compute/params': sum(x.size for x in jax.tree.leaves(fns.abstract_state['params']))}
+
+    def compile_train_step(state, batch, learning_rate):
+      """Compiles the train step ahead of time, once: XLA's FLOP count comes from the same lowering."""
+      lowered = fns.train.lower(state, batch, learning_rate)
+      xla = compute.measured_train_flops(lowered, config)
+      if xla is not None:
+        once['compute/flops_per_example_xla'] = xla
+      if process_index == 0:
+        print(compute.flops_line(flops_per_example, xla), flush=True)
+      return lowered.compile()
+
     preempted = False
     try:
       with _StopFlag(enabled=process_count == 1) as stop:
@@ -178,7 +237,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict
               print(f'preempted at step {step}: checkpoint saved; rerun the same command to resume.', flush=True)
             break
           batch = sharding.global_batch(next(train_iter), fns.batch_sharding)
-          state, step_metrics = fns.train(state, batch)
+          learning_rate = fns.learning_rates[step]
+          if train_step is None:
+            train_step = compile_train_step(state, batch, learning_rate)
+          state, step_metrics = train_step(state, batch, learning_rate)
           step += 1
           pending.append((step, step_metrics))
           is_last = step == config.total_steps
@@ -186,7 +248,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict
           if step % config.log_every_steps == 0 or is_last:
             _, logged = check_finite()
             perf = progress.update(step)
-            record.update(logged, **perf)
+            train_flops = step * config.batch_size * flops_per_example
+            record.update(logged, **perf, **once,
+                          **compute.progress_metrics(train_flops, perf['compute/core_hours'], hardware))
+            once.clear()
             progress.line(step, logged['train/loss'], perf)
           if config.eval_every_steps and (step % config.eval_every_steps == 0 or is_last):
             eval_metrics = evaluate(state['ema_params'] if fns.uses_ema else state['params'])

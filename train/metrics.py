@@ -46,11 +46,15 @@ def read_metrics(workdir: str) -> list[dict[str, Any]]:
 
 
 class Progress:
-  """Throughput, ETA and core-hours, measured between logged steps."""
+  """Throughput, ETA and core-hours, measured between logged steps.
 
-  def __init__(self, total_steps: int, first_step: int, global_batch: int, num_devices: int,
+  num_cores: devices x cores per device (see train.compute); core-hours are num_cores x wall hours since
+  the start, compilation included, plus `core_hours_before` (those of the run before a resume).
+  """
+
+  def __init__(self, total_steps: int, first_step: int, global_batch: int, num_cores: int,
                core_hours_before: float = 0.0, enabled: bool = True, stream=None):
-    self.total_steps, self.global_batch, self.num_devices = total_steps, global_batch, num_devices
+    self.total_steps, self.global_batch, self.num_cores = total_steps, global_batch, num_cores
     self.core_hours_before = core_hours_before
     self.enabled = enabled
     self.stream = stream or sys.stdout
@@ -58,14 +62,14 @@ class Progress:
     self.last_step = first_step
 
   def core_hours(self) -> float:
-    return self.core_hours_before + self.num_devices * (time.monotonic() - self.start) / 3600.0
+    return self.core_hours_before + self.num_cores * (time.monotonic() - self.start) / 3600.0
 
   def update(self, step: int) -> dict[str, float]:
     now = time.monotonic()
     steps_per_s = (step - self.last_step) / max(now - self.last_time, 1e-9)
     self.last_time, self.last_step = now, step
     return {'perf/steps_per_s': steps_per_s, 'perf/examples_per_s': steps_per_s * self.global_batch,
-            'perf/core_hours': self.core_hours()}
+            'compute/core_hours': self.core_hours()}
 
   def line(self, step: int, loss: float, perf: dict[str, float]) -> None:
     if not self.enabled:
@@ -74,4 +78,4 @@ class Progress:
     eta = (self.total_steps - step) / rate if rate > 0 else float('inf')
     eta_s = time.strftime('%H:%M:%S', time.gmtime(eta)) if np.isfinite(eta) and eta < 86400 * 365 else '?'
     print(f'step {step}/{self.total_steps} | loss {loss:.4f} | {perf["perf/examples_per_s"]:.1f} ex/s | '
-          f'{rate:.2f} steps/s | ETA {eta_s} | {perf["perf/core_hours"]:.4f} core-h', file=self.stream, flush=True)
+          f'{rate:.2f} steps/s | ETA {eta_s} | {perf["compute/core_hours"]:.4g} core-h', file=self.stream, flush=True)

@@ -31,9 +31,16 @@ def regex_mask(tree, pattern: str | None) -> Any:
 
 
 def make_schedule(schedule_config: Mapping[str, Any], total_steps: int) -> optax.Schedule:
-  """Linear warmup from 0 to base_learning_rate, then cosine / linear decay or constant."""
+  """Linear warmup from 0 to base_learning_rate, then cosine / linear decay or constant.
+
+  The warmup is `warmup_steps`, or `warmup_fraction` of total_steps (for runs whose length a budget decides).
+  """
   c = schedule_config
   base, warmup = float(c['base_learning_rate']), int(c.get('warmup_steps', 0))
+  if c.get('warmup_fraction'):
+    if warmup:
+      raise ValueError('schedule sets both warmup_steps and warmup_fraction; keep one.')
+    warmup = round(float(c['warmup_fraction']) * total_steps)
   end = float(c.get('end_learning_rate', 0.0))
   decay_steps = max(total_steps - warmup, 1)
   if warmup >= total_steps and total_steps > 0:

@@ -27,19 +27,33 @@ _STEP = flags.DEFINE_integer('step', None, 'Checkpoint step (default: the latest
 
 
 def load(workdir: str, step: int | None = None):
-  """(config, model, params, step) of the run in `workdir`."""
-  from train import loop
+  """(config, model, params, step) of a training workdir or a directory from `python -m train.convert import`.
+
+  Only the parameters are read (the EMA copy when the run kept one); step is None for an imported model.
+  """
+  import flax.linen as nn
+  import jax.numpy as jnp
+  from train import checkpoint, loop
   path = os.path.join(workdir, 'config.json')
   if not os.path.exists(path):
-    raise FileNotFoundError(f'{path} not found: point --workdir at a directory written by `python -m train`.')
+    raise FileNotFoundError(f'{path} not found: point --workdir at a directory written by `python -m train` '
+                            'or `python -m train.convert import`.')
   with open(path) as f:
     config = ml_collections.ConfigDict(json.load(f))
-  with ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), 'checkpoints')) as manager:
-    step = manager.latest_step() if step is None else step
+  model = loop.build_model(config)
+  imported = os.path.isdir(os.path.join(workdir, 'params'))
+  if not imported:
+    with ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), 'checkpoints')) as manager:
+      step = manager.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f'no checkpoint under {workdir}/checkpoints: train first.')
-    state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))['state']
-  return config, loop.build_model(config), state.get('ema_params') or state['params'], step
+  init = lambda: model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))['params']
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device),
+                        nn.meta.unbox(jax.eval_shape(init)))
+  key = 'ema_params' if (config.get('optimizer') or {}).get('ema_decay') else 'params'
+  params = checkpoint.restore_params(workdir, target, step=step, key=key)
+  return config, model, params, None if imported else step
 
 
 def main(argv):
@@ -50,6 +64,9 @@ def main(argv):
   from models import mistral
   try:
     config, model, params, step = load(_WORKDIR.value, _STEP.value)
+    if not (config.get('data') or {}).get('tokenizer'):
+      raise ValueError(f'{_WORKDIR.value} names no tokenizer (config.json data.tokenizer); an imported model '
+                       'needs tokenizer.model in the source directory.')
     tokenizer = tokenizers.get_tokenizer(config.data.tokenizer)
   except (FileNotFoundError, ValueError) as e:
     print(f'error: {e}', file=sys.stderr)
@@ -61,7 +78,7 @@ def main(argv):
   new = [int(t) for t in np.asarray(tokens)[0, len(prompt):]]
   if tokenizer.eos_id in new:
     new = new[:new.index(tokenizer.eos_id)]
-  print(f'[{_WORKDIR.value} at step {step}]', file=sys.stderr)
+  print(f'[{_WORKDIR.value}' + (f' at step {step}]' if step is not None else ' (imported)]'), file=sys.stderr)
   print(_PROMPT.value + tokenizer.decode(new))
 
 

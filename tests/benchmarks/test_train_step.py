@@ -21,3 +21,15 @@ def test_benchmark_prints_jax_and_reference_figures():
   forward = batch * depth * (2 * tokens * (4 * width * width + 2 * width * mlp) + 4 * tokens * tokens * width)
   assert 3 * forward / 1e9 <= float(jax_line.group(3)) <= 2 * 3 * forward / 1e9
   assert re.search(r'torch hf_vit: [\d.]+ ms/step', out.stdout), out.stdout
+
+
+def test_benchmark_times_language_models_beside_hf_mistral():
+  cmd = [sys.executable, '-m', 'benchmarks.train_step', '--config=configs/mistral_tiny.py', '--batch_size=2',
+         '--seq_len=32', '--steps=2', '--reference=hf_mistral', '--config.model.num_layers=1',
+         '--config.model.embed_dim=32', '--config.model.head_dim=8', '--config.model.mlp_dim=64',
+         '--config.model.sliding_window=8', '--config.model.block_size=8']
+  env = dict(os.environ, JAX_NUM_CPU_DEVICES='1', JAX_PLATFORMS='cpu')
+  out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert re.search(r'jax   mistral: [\d.]+ ms/step \| [\d.]+ tokens/s \| [\d.e+-]+ GFLOP/step', out.stdout), out.stdout
+  assert re.search(r'torch hf_mistral: [\d.]+ ms/step \| [\d.]+ tokens/s', out.stdout), out.stdout

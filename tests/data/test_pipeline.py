@@ -1,4 +1,4 @@
-"""grain input pipelines over the digits dataset: sharding, determinism, resume, eval padding."""
+"""grain input pipelines over the digits dataset: process shares, determinism, resume, eval padding."""
 import itertools
 
 import ml_collections
@@ -50,24 +50,35 @@ def test_local_batch_is_global_over_process_count(digits_dir):
   assert '\n' not in str(e.value)
 
 
-def test_process_slices_are_disjoint_and_cover_the_split(digits_dir, image_to_index):
+def test_process_shares_are_disjoint_and_cover_an_epoch(digits_dir, image_to_index):
   per_process = []
   for p in range(3):
     it = pipeline.make_train_iter(config(digits_dir), global_batch_size=3, seed=0,
                                   process_index=p, process_count=3)
     per_process.append(ids(take(it, 479), image_to_index))  # 1437 / 3 = 479 examples each.
   sets = [set(s) for s in per_process]
-  assert all(len(s) == 479 for s in sets)  # One full epoch of the slice, no repeats.
+  assert all(len(s) == 479 for s in sets)  # A third of an epoch, no repeats.
   assert not (sets[0] & sets[1] or sets[0] & sets[2] or sets[1] & sets[2])
   assert set().union(*sets) == {i for i in range(1797) if i % 5}
 
 
-def test_each_epoch_is_a_new_permutation_of_the_slice(digits_dir, image_to_index):
-  it = pipeline.make_train_iter(config(digits_dir), global_batch_size=300, seed=3,
-                                process_index=1, process_count=3)
-  stream = ids(take(it, 15), image_to_index)  # 1500 >= 3 epochs of the 479-example slice.
-  epochs = [stream[i * 479:(i + 1) * 479] for i in range(3)]
-  assert all(set(e) == set(epochs[0]) and len(set(e)) == 479 for e in epochs)
+@pytest.mark.parametrize('process_count', [2, 4])
+def test_processes_together_read_exactly_the_one_process_batches(digits_dir, process_count):
+  # 25 * 64 > 1437: the comparison crosses an epoch (a new permutation, fresh augmentations).
+  cfg = config(digits_dir, pp_train=AUGMENT)
+  single = take(pipeline.make_train_iter(cfg, global_batch_size=64, seed=4), 25)
+  shares = [take(pipeline.make_train_iter(cfg, global_batch_size=64, seed=4, process_index=p,
+                                          process_count=process_count), 25)
+            for p in range(process_count)]
+  together = [{k: np.concatenate([s[b][k] for s in shares]) for k in single[b]} for b in range(25)]
+  assert_same_batches(together, single)
+
+
+def test_each_epoch_is_a_new_permutation_of_the_split(digits_dir, image_to_index):
+  it = pipeline.make_train_iter(config(digits_dir), global_batch_size=479, seed=3)
+  stream = ids(take(it, 9), image_to_index)  # 9 * 479 = 3 epochs of the 1437 training digits.
+  epochs = [stream[i * 1437:(i + 1) * 1437] for i in range(3)]
+  assert all(set(e) == set(epochs[0]) and len(set(e)) == 1437 for e in epochs)
   assert epochs[0] != epochs[1] and epochs[1] != epochs[2] and epochs[0] != epochs[2]
 
 
@@ -96,14 +107,16 @@ def test_augmentation_differs_between_epochs(digits_dir, image_to_index):
   assert np.mean(np.any(e0['image'] != e1['image'], axis=(1, 2, 3))) > 0.5
 
 
-@pytest.mark.parametrize('k', [3, 25])  # 25 * 64 > 1437: the resumed part crosses an epoch.
-def test_restoring_state_resumes_with_the_same_batches(digits_dir, k):
+@pytest.mark.parametrize('k, process_index, process_count', [
+    (3, 0, 1), (25, 0, 1), (25, 1, 2)])  # 25 * 64 > 1437: the resumed part crosses an epoch.
+def test_restoring_state_resumes_with_the_same_batches(digits_dir, k, process_index, process_count):
   cfg = config(digits_dir, pp_train=AUGMENT, num_threads=2, prefetch=3)
-  it = pipeline.make_train_iter(cfg, global_batch_size=64, seed=1)
+  shard = dict(process_index=process_index, process_count=process_count)
+  it = pipeline.make_train_iter(cfg, global_batch_size=64, seed=1, **shard)
   take(it, k)
   state = it.get_state()
   expected = take(it, 5)
-  fresh = pipeline.make_train_iter(cfg, global_batch_size=64, seed=1)
+  fresh = pipeline.make_train_iter(cfg, global_batch_size=64, seed=1, **shard)
   fresh.set_state(state)
   assert_same_batches(take(fresh, 5), expected)
 
@@ -144,6 +157,28 @@ def test_eval_sees_every_example_exactly_once(digits_dir, image_to_index, global
     seen += [image_to_index(np.rint(img * 255)) for b in batches for img in b['image'][b['mask']]]
   assert num_batches == {expected_num_batches}  # The same on every process; no spare batch.
   assert sorted(seen) == list(range(0, 1797, 5))
+
+
+def test_eval_batches_do_not_depend_on_process_count(digits_dir):
+  cfg = config(digits_dir, pp_eval='value_range(0, 1)')
+  single = list(pipeline.make_eval_iter(cfg, global_batch_size=96)[0]())
+  shares = [list(pipeline.make_eval_iter(cfg, global_batch_size=96, process_index=p, process_count=4)[0]())
+            for p in range(4)]
+  assert_same_batches([{k: np.concatenate([s[b][k] for s in shares]) for k in single[b]}
+                       for b in range(len(single))], single)
+
+
+def test_mix_with_several_processes_mixes_within_each_share(digits_dir):
+  src = pipeline.get_source('digits', 'train', digits_dir)
+  cfg = config(digits_dir, shuffle=False, pp_train='onehot(10)', mix=dict())
+  labels = np.array([src[i]['label'] for i in range(32)])
+  for p in range(2):
+    b = next(pipeline.make_train_iter(cfg, global_batch_size=16, seed=0, process_index=p, process_count=2))
+    assert b['image'].shape == (8, 8, 8, 1)
+    np.testing.assert_allclose(b['labels'].sum(-1), 1.0, rtol=1e-6)
+    # Process p mixes stream positions [16p, 16p + 16): MixUp (0..3 with 4..7), CutMix (8..11, 12..15).
+    np.testing.assert_array_equal(b['label'], np.concatenate([labels[16 * p:16 * p + 4],
+                                                              labels[16 * p + 8:16 * p + 12]]))
 
 
 def test_missing_dataset_raises_one_line_file_not_found(tmp_path):

@@ -275,3 +275,59 @@ def test_blockwise_cost_is_linear():
   block = max(sizes(lambda *a: mistral.blockwise_attention(*a, w, bs)))
   assert block <= t * 2 * bs * 2  # [t, (ceil((w-1)/bs)+1) * bs] logits, a few times over at most
   assert max(sizes(lambda *a: mistral.masked_attention(*a, w))) >= t * t
+
+
+def test_documented_permutation_turns_adjacent_pair_rope_into_half_split(original_state_dict):
+  """Complex (adjacent-pair) RoPE on original rows == half-split RoPE on HF rows, for every position pair."""
+  rng = np.random.default_rng(0)
+  d, e, theta = 8, 12, 10000.0
+  hf_wq, hf_wk = rng.standard_normal((d, e)), rng.standard_normal((d, e))
+  sd = original_state_dict({'model.layers.0.self_attn.q_proj.weight': hf_wq,
+                             'model.layers.0.self_attn.k_proj.weight': hf_wk}, d)
+  wq, wk = sd['layers.0.attention.wq.weight'], sd['layers.0.attention.wk.weight']
+  x, y = rng.standard_normal(e), rng.standard_normal(e)
+  freqs = theta ** -(np.arange(0, d, 2) / d)
+
+  def complex_rope(v, pos):
+    return (v[0::2] + 1j * v[1::2]) * np.exp(1j * pos * freqs)
+
+  def half_split_rope(v, pos):
+    cos, sin = np.cos(pos * np.concatenate([freqs, freqs])), np.sin(pos * np.concatenate([freqs, freqs]))
+    return v * cos + np.concatenate([-v[d // 2:], v[:d // 2]]) * sin
+
+  for pq, pk in [(0, 0), (5, 2), (17, 3)]:
+    original = np.real(np.vdot(complex_rope(wk @ y, pk), complex_rope(wq @ x, pq)))
+    hf = half_split_rope(hf_wq @ x, pq) @ half_split_rope(hf_wk @ y, pk)
+    np.testing.assert_allclose(original, hf, rtol=1e-10)
+
+
+def test_original_format_import_equals_hf_import(hf_model, converted, original_state_dict):
+  kwargs, params = converted
+  hf_sd = {k: v.detach().numpy() for k, v in hf_model.state_dict().items()}
+  original = original_state_dict(hf_sd, HF_CFG['head_dim'])
+  params_json = dict(dim=64, n_layers=2, head_dim=16, hidden_dim=128, n_heads=4, n_kv_heads=2,
+                     norm_eps=1e-5, sliding_window=5, vocab_size=97)
+  with pytest.raises(ValueError, match='no rope_theta'):
+    mistral.from_original(params_json, original)
+  kw2, p2 = mistral.from_original(params_json, original, rope_theta=10000.0)
+  assert kw2 == kwargs
+  jax.tree.map(np.testing.assert_array_equal, p2, params)
+  # Without the permutation the model would differ: the rows really moved.
+  assert not np.array_equal(original['layers.0.attention.wq.weight'],
+                            hf_sd['model.layers.0.self_attn.q_proj.weight'])
+
+
+def test_gqa_equals_multi_head_with_repeated_kv(converted):
+  """4 query heads over 2 K/V heads == 4 heads each with its own copy of K/V head h // 2 (HF repeat_kv)."""
+  kwargs, params = converted
+  group = KWARGS['num_heads'] // KWARGS['num_kv_heads']
+  mha = jax.tree.map(np.asarray, params)
+  for i in range(KWARGS['num_layers']):
+    for name in ('key', 'value'):
+      kernel = mha[f'layer_{i}']['attn'][name]['kernel']  # [embed, kv_heads, head_dim]
+      mha[f'layer_{i}']['attn'][name]['kernel'] = np.repeat(kernel, group, axis=1)
+  tokens = _tokens(2, 13)
+  want = _apply(mistral.Model(**kwargs, attention_impl='masked'), params, tokens)
+  got = _apply(mistral.Model(**{**kwargs, 'num_kv_heads': KWARGS['num_heads']}, attention_impl='masked'),
+               mha, tokens)
+  np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)

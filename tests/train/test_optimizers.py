@@ -30,6 +30,16 @@ def test_linear_and_constant_decay():
     optimizers.make_schedule({'base_learning_rate': 1.0, 'decay': 'exp'}, 10)
 
 
+def test_warmup_fraction_scales_with_the_run_length():
+  for total in (40, 400):
+    schedule = optimizers.make_schedule({'base_learning_rate': 1.0, 'warmup_fraction': 0.05, 'decay': 'constant'},
+                                        total)
+    warmup = total // 20
+    assert float(schedule(warmup // 2)) == pytest.approx(0.5) and float(schedule(warmup)) == 1.0
+  with pytest.raises(ValueError, match='both warmup_steps and warmup_fraction'):
+    optimizers.make_schedule({'base_learning_rate': 1.0, 'warmup_steps': 3, 'warmup_fraction': 0.1}, 100)
+
+
 def test_regex_mask_selects_by_full_name():
   mask = optimizers.regex_mask(PARAMS, r'.*kernel')
   assert mask == {'encoder': {'dense': {'kernel': True, 'bias': False}}, 'head': {'kernel': True, 'bias': False}}

@@ -1,0 +1,92 @@
+r"""The study of "ConvNets Match Vision Transformers at Scale" (Smith et al. 2023) at pod scale.
+
+One run is one (model, epoch budget, learning rate); the grid is NFNet F0, F1, F3, F3+, F7, F7+ x epoch
+budgets 0.25, 0.5, 1, 2, 4, 8 x learning rates spaced by factors of 2 around 1.6. The 2021 JFT recipe
+(Brock et al. 2021, appendix; the study keeps it): batch 4096, SGD with Nesterov momentum 0.9, adaptive
+gradient clipping 0.01 sparing the classifier, weight decay 1e-6 on weights, cosine decay after a short
+warmup, random-resized crops and flips only, no EMA, no dropout; train at 224, evaluate at 256.
+
+One run:
+  python -m train --config=configs/convnets_at_scale.py:model=F3+,epochs=2,lr=0.8 \
+      --workdir=gs://BUCKET/study/F3+_2ep_lr0.8 --config.data.data_dir=gs://BUCKET/tensorflow_datasets
+The whole grid (a dry run prints every run's steps and estimated TPU-v4 core-hours, no accelerator needed):
+  python -m train.sweep --config=configs/convnets_at_scale.py --workdir=gs://BUCKET/study --dry_run
+then the analysis of the finished runs (table, power-law fits, plot):
+  python -m train.analyze --workdirs='gs://BUCKET/study/*' --out=study --compute=budget_core_hours
+
+The data is a config argument. JFT-4B (the paper's, ~4B images, ~30k classes) is private: `dataset=jft4b`
+reads a tfds builder of that name that you provide. The default stand-in is public ImageNet-1k,
+`imagenet2012` (prepare once: tfds build imagenet2012 --file_format=array_record --manual_dir=...);
+epoch budgets then count its 1.28M images. Budgets are epochs; the loop turns them into steps, and the
+sweep's core-hour estimates assume `mfu` (0.35 reproduces the paper's 110k core-hours for F7+ x 8 epochs
+of JFT-4B). The ViT comparison points are configs/vit_at_scale.py.
+"""
+import ml_collections
+
+from configs import common
+
+MODELS = ('F0', 'F1', 'F3', 'F3+', 'F7', 'F7+')
+EPOCHS = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
+LEARNING_RATES = (0.4, 0.8, 1.6, 3.2)  # factors of 2 around the paper's small-budget optimum of 1.6
+# name -> (training images, classes, held-out split)
+DATASETS = {'imagenet2012': (1_281_167, 1000, 'validation'), 'jft4b': (4_000_000_000, 30_000, 'test')}
+TRAIN_RES, EVAL_RES = 224, 256
+
+
+def get_config(arg=None):
+  arg = common.parse_arg(arg, model='F0', epochs=1.0, lr=1.6, dataset='imagenet2012', mfu=0.35, runlocal=False)
+  if arg.model not in MODELS:
+    raise ValueError(f'model {arg.model!r} is not in the study; use one of {MODELS}.')
+  if arg.dataset not in DATASETS:
+    raise ValueError(f'dataset {arg.dataset!r} is unknown; use one of {sorted(DATASETS)} (or add yours).')
+  num_train, num_classes, eval_split = DATASETS[arg.dataset]
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.model_name = 'nfnet'
+  c.model = dict(variant=arg.model, num_classes=num_classes, dropout=0.0, stochastic_depth=0.0,
+                 numerics='deepmind', plus_stage1_width='public', dtype='bfloat16', conv_impl='native')
+  c.task = dict(name='classification', label_smoothing=0.0)
+  c.data = dict(name=arg.dataset, data_dir=common.optional(str), train_split='train', eval_split=eval_split,
+                pp_train=f'decode|inception_crop({TRAIN_RES})|flip_lr|value_range(-1, 1)|keep("image", "label")',
+                pp_eval=f'decode|resize({EVAL_RES + 32})|central_crop({EVAL_RES})|value_range(-1, 1)'
+                        '|keep("image", "label")',
+                num_train_examples=num_train, num_threads=32, prefetch=4)
+  c.batch_size = 4096
+  c.eval_batch_size = 4096
+  c.budget = dict(epochs=arg.epochs, core_hours=common.optional(float), hardware='tpu_v4', mfu=arg.mfu)
+  c.total_steps = 0  # from the budget
+  c.study = dict(family='nfnet', model=arg.model, epochs=arg.epochs, learning_rate=arg.lr,
+                 input_shape=(TRAIN_RES, TRAIN_RES, 3))
+  c.log_every_steps = 100
+  c.eval_every_steps = 10**9  # the held-out loss once, at the end (the loop always evaluates the last step)
+  c.checkpoint_every_steps = 1000
+
+  c.optimizer = ml_collections.ConfigDict(dict(
+      name='sgd', momentum=0.9, nesterov=True, agc_clip=0.01, agc_eps=1e-3, agc_exclude_params=r'head/kernel',
+      weight_decay=1e-6, weight_decay_params=r'.*kernel', grad_clip_norm=common.optional(float),
+      frozen_params=common.optional(str), ema_decay=common.optional(float), ema_warmup=False))
+  c.schedule = ml_collections.ConfigDict(dict(base_learning_rate=arg.lr, warmup_fraction=0.02, decay='cosine',
+                                              end_learning_rate=0.0))
+  c.mesh = common.mesh(data=-1)
+  c.sharding_rules = common.sharding_rules()
+
+  if arg.runlocal:
+    c.model.update(dtype='float32')
+    c.data.update(eval_split=f'{eval_split}[:64]', num_threads=2, prefetch=1)
+    c.batch_size = c.eval_batch_size = 16
+    c.budget.epochs = 16 * 20 / num_train  # 20 steps
+    c.log_every_steps, c.checkpoint_every_steps = 5, 10
+  return c
+
+
+def get_sweep(arg=None):
+  """The paper's grid: one config argument string per run (model x epoch budget x learning rate)."""
+  base = common.parse_arg(arg, dataset='imagenet2012', mfu=0.35)
+  return [f'model={m},epochs={e},lr={lr},dataset={base.dataset},mfu={base.mfu}'
+          for m in MODELS for e in EPOCHS for lr in LEARNING_RATES]
+
+
+def run_name(run_arg: str) -> str:
+  """'model=F3+,epochs=2.0,lr=0.8,...' -> 'F3+_2ep_lr0.8' (the run's workdir under the sweep's)."""
+  a = common.parse_arg(run_arg, model='F0', epochs=1.0, lr=1.6, dataset='imagenet2012', mfu=0.35, runlocal=False)
+  return f'{a.model}_{a.epochs:g}ep_lr{a.lr:g}'

@@ -1,0 +1,69 @@
+r"""Mistral 7B v0.1 shapes at pod scale: bf16 compute, layers scanned and rematerialised, FSDP x tensor.
+
+7,241,732,096 parameters: 32 layers, embed 4096, 32 query heads sharing 8 K/V heads of 128, SwiGLU MLP
+14336, vocabulary 32000, sliding window 4096 over sequences of 8192, rope_theta 1e4 (v0.1).
+
+Finetune the released weights (import once, shard by shard, then train from them):
+  python -m train.convert import --src=/models/Mistral-7B-v0.1 --out=gs://BUCKET/mistral_7b_v01 --scan
+  python -m train --config=configs/mistral_7b.py:init=gs://BUCKET/mistral_7b_v01 \
+      --workdir=gs://BUCKET/runs/mistral_7b_ft --config.data.files='gs://BUCKET/corpus/*.txt'
+
+From scratch (no init; the tokenizer is any SentencePiece .model of 32000 pieces, e.g. Mistral's):
+  python -m train --config=configs/mistral_7b.py:tokenizer=/models/tokenizer.model \
+      --workdir=gs://BUCKET/runs/mistral_7b --config.data.files='gs://BUCKET/corpus/*.txt'
+
+Memory: f32 parameters, AdamW moments and gradients are 16 bytes x 7.24B = 116 GB, split over the fsdp x tensor
+devices (a v4-64's 32 chips: 3.6 GB each) plus bf16 activations of the saved projections. The mesh is
+data=1, fsdp=-1 (all devices), tensor=4 (8 K/V heads split in 4; query heads, MLP and vocabulary too).
+
+Shrunk to run locally with the same structure (2 scanned, rematerialised bf16 layers on 8 CPU devices as
+fsdp=2 x tensor=4, byte tokens, the embedded standard-library corpus):
+  python -m train --config=configs/mistral_7b.py:runlocal=True --workdir=/tmp/mistral_7b_local
+"""
+import ml_collections
+
+from configs import common
+
+SHAPES = dict(embed_dim=4096, num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128, mlp_dim=14336,
+              sliding_window=4096, vocab_size=32000, norm_eps=1e-5, rope_theta=10_000.0, tie_embeddings=False)
+
+
+def get_config(arg=None):
+  arg = common.parse_arg(arg, init='', tokenizer='', runlocal=False)
+  finetune = bool(arg.init)
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.model_name = 'mistral'
+  c.init_params = common.optional(str, arg.init or None)
+  c.model = dict(**SHAPES, dtype='bfloat16', scan=True, remat='save_proj', attention_impl='blockwise',
+                 block_size=512)
+  c.task = dict(name='language_model')
+
+  tokenizer = arg.tokenizer or (f'{arg.init}/tokenizer.model' if finetune else 'bytes')
+  c.data = dict(format='packed_text', name='local_text/stdlib', files=common.optional(str),
+                data_dir=common.optional(str), train_split='train', eval_split='validation',
+                tokenizer=tokenizer, seq_len=8192, num_threads=16, prefetch=4)
+  # Pre-training: 4M tokens per step; finetuning: 0.5M.
+  c.batch_size = 64 if finetune else 512
+  c.eval_batch_size = c.batch_size
+  c.total_steps = 2_000 if finetune else 250_000
+  c.log_every_steps = 10
+  c.eval_every_steps = 500 if finetune else 5_000
+  c.checkpoint_every_steps = 250 if finetune else 1_000
+  c.checkpoints_to_keep = 2
+
+  c.optimizer = common.adamw(weight_decay=0.1, grad_clip_norm=1.0, b2=0.95, eps=1e-5)
+  c.schedule = common.schedule(base_learning_rate=1e-5 if finetune else 3e-4,
+                               warmup_steps=100 if finetune else 2_000)
+  c.mesh = common.mesh(data=1, fsdp=-1, tensor=4)
+  c.sharding_rules = common.sharding_rules()
+
+  if arg.runlocal:
+    c.model.update(embed_dim=64, num_layers=2, num_heads=8, num_kv_heads=4, head_dim=8, mlp_dim=128,
+                   sliding_window=32, vocab_size=320, block_size=32)
+    c.data.update(tokenizer='bytes', seq_len=128, num_threads=2, prefetch=1)
+    c.batch_size = c.eval_batch_size = 8
+    c.total_steps, c.log_every_steps, c.eval_every_steps, c.checkpoint_every_steps = 20, 5, 20, 10
+    c.schedule.warmup_steps = 5
+    c.mesh = common.mesh(data=1, fsdp=-1, tensor=4)
+  return c

@@ -1,0 +1,78 @@
+r"""ViT comparison points of "ConvNets Match Vision Transformers at Scale": ViT-g/14, ViT-G/14, SoViT-400m/14.
+
+The paper compares its NFNets with these ViTs' published results (ImageNet top-1 after JFT pre-training at
+about 120k, 280k and 130k TPU-v4 core-hours). Trained here under the same budget rules and data as
+configs/convnets_at_scale.py, so one sweep and one analysis hold both families: batch 4096, AdamW
+(b2 0.95) with weight decay 0.1 on weights, learning rate 8e-4 with warmup and cosine decay, no dropout, 224
+pixels for training and evaluation (learned position embeddings fix the grid), class-token pooling, bf16, scanned and
+rematerialised blocks, FSDP over all devices.
+
+  python -m train --config=configs/vit_at_scale.py:model=So400m/14,epochs=1 --workdir=gs://BUCKET/study/So400m_1ep
+  python -m train.sweep --config=configs/vit_at_scale.py --workdir=gs://BUCKET/study --dry_run
+"""
+import ml_collections
+
+from configs import common
+
+MODELS = ('So400m/14', 'g/14', 'G/14')
+EPOCHS = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
+LEARNING_RATES = (4e-4, 8e-4)
+DATASETS = {'imagenet2012': (1_281_167, 1000, 'validation'), 'jft4b': (4_000_000_000, 30_000, 'test')}
+TRAIN_RES, EVAL_RES = 224, 224  # learned position embeddings fix the grid
+
+
+def get_config(arg=None):
+  arg = common.parse_arg(arg, model='So400m/14', epochs=1.0, lr=8e-4, dataset='imagenet2012', mfu=0.35,
+                         runlocal=False)
+  if arg.model not in MODELS:
+    raise ValueError(f'model {arg.model!r} is not a comparison point; use one of {MODELS}.')
+  if arg.dataset not in DATASETS:
+    raise ValueError(f'dataset {arg.dataset!r} is unknown; use one of {sorted(DATASETS)} (or add yours).')
+  num_train, num_classes, eval_split = DATASETS[arg.dataset]
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.model_name = 'vit'
+  c.model = dict(variant=arg.model, num_classes=num_classes, posemb='learn', pool_type='tok', dropout=0.0,
+                 head_zeroinit=True, dtype='bfloat16', scan=True, remat=True)
+  c.task = dict(name='classification', label_smoothing=0.0)
+  c.data = dict(name=arg.dataset, data_dir=common.optional(str), train_split='train', eval_split=eval_split,
+                pp_train=f'decode|inception_crop({TRAIN_RES})|flip_lr|value_range(-1, 1)|keep("image", "label")',
+                pp_eval=f'decode|resize({EVAL_RES + 32})|central_crop({EVAL_RES})|value_range(-1, 1)'
+                        '|keep("image", "label")',
+                num_train_examples=num_train, num_threads=32, prefetch=4)
+  c.batch_size = 4096
+  c.eval_batch_size = 4096
+  c.budget = dict(epochs=arg.epochs, core_hours=common.optional(float), hardware='tpu_v4', mfu=arg.mfu)
+  c.total_steps = 0  # from the budget
+  c.study = dict(family='vit', model=arg.model, epochs=arg.epochs, learning_rate=arg.lr,
+                 input_shape=(TRAIN_RES, TRAIN_RES, 3))
+  c.log_every_steps = 100
+  c.eval_every_steps = 10**9  # the held-out loss once, at the end
+  c.checkpoint_every_steps = 1000
+
+  c.optimizer = common.adamw(weight_decay=0.1, grad_clip_norm=1.0, b2=0.95)
+  c.schedule = ml_collections.ConfigDict(dict(base_learning_rate=arg.lr, warmup_fraction=0.02, decay='cosine',
+                                              end_learning_rate=0.0))
+  c.mesh = common.mesh(data=1, fsdp=-1, tensor=1)
+  c.sharding_rules = common.sharding_rules()
+
+  if arg.runlocal:
+    c.model.update(depth=2, dtype='float32', scan=False, remat=False)
+    c.data.update(eval_split=f'{eval_split}[:64]', num_threads=2, prefetch=1)
+    c.batch_size = c.eval_batch_size = 16
+    c.budget.epochs = 16 * 20 / num_train
+    c.log_every_steps, c.checkpoint_every_steps = 5, 10
+    c.mesh = common.mesh(data=-1)
+  return c
+
+
+def get_sweep(arg=None):
+  base = common.parse_arg(arg, dataset='imagenet2012', mfu=0.35)
+  return [f'model={m},epochs={e},lr={lr},dataset={base.dataset},mfu={base.mfu}'
+          for m in MODELS for e in EPOCHS for lr in LEARNING_RATES]
+
+
+def run_name(run_arg: str) -> str:
+  a = common.parse_arg(run_arg, model='So400m/14', epochs=1.0, lr=8e-4, dataset='imagenet2012', mfu=0.35,
+                       runlocal=False)
+  return f'{a.model.replace("/", "-")}_{a.epochs:g}ep_lr{a.lr:g}'

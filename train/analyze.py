@@ -1,0 +1,202 @@
+r"""Analyses a compute-budget study: python -m train.analyze --workdirs='workdirs/study/*' --out=DIR
+
+Reads every matched workdir's config.json (its `study` block: family, model, params, epochs,
+learning_rate) and metrics.jsonl (final `eval/loss` and compute), then writes DIR/study.md (every run, the
+frontier, per-family power laws, the compute-optimal allocation, the ConvNet-vs-ViT answer) and
+DIR/study.png (loss vs compute, log-log), and prints the report. Unfinished runs are listed and left out.
+
+  --compute=flops              final compute/train_flops (default)
+  --compute=core_hours         final compute/core_hours (devices x wall time as measured)
+  --compute=budget_core_hours  train FLOPs / (peak FLOP/s per device of budget.hardware x budget.mfu) / 3600
+  --irreducible                fit loss = E + a * C^b instead of a * C^b
+"""
+import glob
+import json
+import math
+import os
+import re
+import sys
+
+from absl import app, flags
+
+from train import compute as compute_lib
+from train import scaling
+
+_WORKDIRS = flags.DEFINE_multi_string('workdirs', None, 'Run workdirs or glob patterns (repeatable).')
+_OUT = flags.DEFINE_string('out', None, 'Directory for study.md and study.png.')
+_COMPUTE = flags.DEFINE_enum('compute', 'flops', ['flops', 'core_hours', 'budget_core_hours'],
+                             'What a run\'s compute is.')
+_IRREDUCIBLE = flags.DEFINE_bool('irreducible', False, 'Fit loss = E + a * C^b (E >= 0).')
+_CONFIDENCE = flags.DEFINE_float('confidence', 0.95, 'Confidence level of the intervals.')
+_LEVELS = flags.DEFINE_integer('levels', 8, 'Log-spaced compute levels for the compute-optimal allocation '
+                               '(used when the runs share no compute budgets).')
+_PEAK_FLOPS = flags.DEFINE_list('peak_flops', [], 'hardware=FLOP/s per device (core), adds to or overrides the '
+                                'built-in table, e.g. tpu_v4=137.5e12; a run\'s budget.peak_flops wins over both.')
+
+# Peak per core that a core-hour counts (train.compute's table; 'cpu' has no fixed peak).
+PEAK_FLOPS = {name: peak for name, peak in compute_lib.PEAK_FLOPS.items() if peak}
+STUDY_KEYS = ('family', 'model', 'params', 'epochs', 'learning_rate')
+COMPUTE_KEYS = {'flops': ('compute/train_flops',),
+                'budget_core_hours': ('compute/train_flops',),
+                'core_hours': ('compute/core_hours',)}
+
+
+class StudyError(ValueError):
+  """Bad input: one line saying what is wrong and what to do."""
+
+
+def _hardware_key(name: str) -> str:
+  return re.sub(r'[^a-z0-9]', '', name.lower())
+
+
+def parse_peak_flops(entries) -> dict[str, float]:
+  """The built-in table updated by `hardware=FLOP/s` entries, keyed by the normalised hardware name."""
+  table = {_hardware_key(k): v for k, v in PEAK_FLOPS.items()}
+  for entry in entries:
+    name, _, value = entry.partition('=')
+    try:
+      table[_hardware_key(name)] = float(value)
+    except ValueError:
+      table[_hardware_key(name)] = 0.0
+    if not (name and table[_hardware_key(name)] > 0):
+      raise StudyError(f'--peak_flops entry {entry!r} is not hardware=FLOP/s per device, e.g. tpu_v4=137.5e12')
+  return table
+
+
+def find_workdirs(patterns) -> list[str]:
+  """Directories matched by the patterns (globs or plain paths), in order, each once."""
+  found = []
+  for pattern in patterns or ():
+    for path in sorted(glob.glob(os.path.expanduser(pattern))):
+      if os.path.isdir(path) and path not in found:
+        found.append(path)
+  if not found:
+    raise StudyError(f'no workdirs matched --workdirs={list(patterns or [])}; pass run directories or a glob '
+                     "such as --workdirs='workdirs/study/*' (quoted, so the shell leaves it to this tool)")
+  return found
+
+
+def read_run(workdir: str, compute: str = 'flops', peak_flops=None) -> scaling.Run | str:
+  """The workdir's Run, or a one-line note of why it is unfinished."""
+  paths = {name: os.path.join(workdir, name) for name in ('config.json', 'metrics.jsonl')}
+  for name, path in paths.items():
+    if not os.path.isfile(path):
+      raise StudyError(f'{workdir} has no {name}: not a training workdir (python -m train writes both); '
+                       'leave it out of --workdirs')
+  try:
+    with open(paths['config.json']) as f:
+      config = json.load(f)
+    with open(paths['metrics.jsonl']) as f:
+      records = [json.loads(line) for line in f if line.strip()]
+  except json.JSONDecodeError as e:
+    raise StudyError(f'{workdir}: unreadable JSON ({e}); fix or remove the file') from None
+  study = config.get('study')
+  if not isinstance(study, dict):
+    raise StudyError(f'{paths["config.json"]} has no `study` block (family, model, params, epochs, '
+                     'learning_rate): train study runs with a config that sets config.study')
+  if not study.get('params'):  # The loop logs the parameter count; a study block may leave it out.
+    study['params'] = next((r['compute/params'] for r in records if 'compute/params' in r), None)
+  missing = [k for k in STUDY_KEYS if study.get(k) is None]
+  if missing:
+    raise StudyError(f'{paths["config.json"]}: the study block lacks {missing}; it needs {list(STUDY_KEYS)}')
+
+  total = config.get('total_steps')
+  last = records[-1] if records else {}
+  step = last.get('step', 0)
+  if not records or (total is not None and step < total) or 'eval/loss' not in last:
+    why = f'at step {step}/{total if total is not None else "?"}' if records else 'nothing logged yet'
+    if records and 'eval/loss' not in last:
+      why += ', no eval/loss at its last logged step'
+    return f'incomplete, left out: {workdir} ({why})'
+
+  keys = COMPUTE_KEYS[compute]
+  value = next((r[k] for r in reversed(records) for k in keys if k in r), None)
+  if value is None:
+    raise StudyError(f'{paths["metrics.jsonl"]} logs no {keys[0]}: train with compute accounting, or choose '
+                     'another --compute')
+  if compute == 'budget_core_hours':
+    value /= _device_flops(config, workdir, peak_flops or parse_peak_flops([])) * 3600.0
+  numbers = {'params': study['params'], 'epochs': study['epochs'], 'compute': value, 'eval/loss': last['eval/loss']}
+  bad = [k for k, v in numbers.items() if not (isinstance(v, (int, float)) and 0 < v < math.inf)]
+  if bad:
+    raise StudyError(f'{workdir}: {bad} must be finite positive numbers, got {[numbers[k] for k in bad]}')
+  return scaling.Run(family=str(study['family']), model=str(study['model']), params=int(study['params']),
+                     epochs=float(study['epochs']), learning_rate=float(study['learning_rate']),
+                     compute=float(value), loss=float(last['eval/loss']), workdir=workdir)
+
+
+def _device_flops(config, workdir: str, peak_flops: dict[str, float]) -> float:
+  """Sustained FLOP/s of one device: its peak (config's budget.peak_flops, else the table) times budget.mfu."""
+  budget = config.get('budget') or {}
+  hardware, mfu = budget.get('hardware'), budget.get('mfu')
+  peak = budget.get('peak_flops') or peak_flops.get(_hardware_key(str(hardware)))
+  if not peak and hardware is None:
+    raise StudyError(f'{workdir}: config.json has no budget.hardware (nor budget.peak_flops) to turn FLOPs into '
+                     'core-hours; use --compute=flops or --compute=core_hours')
+  if not peak:
+    raise StudyError(f'{workdir}: no peak FLOP/s for budget.hardware={hardware!r}; pass '
+                     f'--peak_flops={hardware}=FLOPS_PER_DEVICE (known: {sorted(PEAK_FLOPS)})')
+  if not mfu or mfu <= 0:
+    raise StudyError(f'{workdir}: budget.mfu={mfu!r} must be a positive utilisation for --compute=budget_core_hours')
+  return float(peak) * float(mfu)
+
+
+def load_runs(patterns, compute: str = 'flops', peak_flops=None) -> tuple[list[scaling.Run], list[str]]:
+  """(finished runs, notes on the unfinished ones)."""
+  runs, notes = [], []
+  for workdir in find_workdirs(patterns):
+    run = read_run(workdir, compute, peak_flops)
+    (notes if isinstance(run, str) else runs).append(run)
+  if not runs:
+    raise StudyError(f'none of the {len(notes)} matched runs has finished; wait for them or check the workdirs')
+  return runs, notes
+
+
+def compute_label(compute: str, workdirs) -> str:
+  if compute == 'flops':
+    return 'training FLOPs'
+  if compute == 'core_hours':
+    return 'training compute (core hours, measured)'
+  hardware = set()
+  for workdir in workdirs:
+    with open(os.path.join(workdir, 'config.json')) as f:
+      hardware.add((json.load(f).get('budget') or {}).get('hardware'))
+  name = re.sub(r'^tpu[_-]?', 'TPU-', f'{hardware.pop()} ') if len(hardware) == 1 else ''
+  return f'training compute ({name}core hours, estimated from FLOPs)'
+
+
+def _fail(message: str):
+  print(f'error: {message}', file=sys.stderr, flush=True)
+  sys.exit(2)
+
+
+def write_report(patterns, out: str, compute: str = 'flops', irreducible: bool = False, confidence: float = 0.95,
+                 num_levels: int = 8, peak_flops=None) -> str:
+  """Analyses the runs matched by `patterns`; writes OUT/study.md and OUT/study.png; returns the report."""
+  runs, notes = load_runs(patterns, compute, peak_flops)
+  study = scaling.analyze(runs, irreducible=irreducible, confidence=confidence, num_levels=num_levels)
+  label = compute_label(compute, [r.workdir for r in runs])
+  report = scaling.markdown(study, label, notes)
+  os.makedirs(out, exist_ok=True)
+  with open(os.path.join(out, 'study.md'), 'w') as f:
+    f.write(report)
+  scaling.plot(study, os.path.join(out, 'study.png'), label)
+  return report
+
+
+def main(argv):
+  if len(argv) > 1:
+    _fail(f'unexpected arguments {argv[1:]}; pass workdirs with --workdirs=')
+  if not _OUT.value:
+    _fail('--out is required: the directory for study.md and study.png')
+  try:
+    report = write_report(_WORKDIRS.value, _OUT.value, _COMPUTE.value, _IRREDUCIBLE.value, _CONFIDENCE.value,
+                          _LEVELS.value, parse_peak_flops(_PEAK_FLOPS.value))
+  except StudyError as e:
+    _fail(str(e))
+  print(report, end='')
+  print(f'wrote {_OUT.value}/study.md and {_OUT.value}/study.png', file=sys.stderr)
+
+
+if __name__ == '__main__':
+  app.run(main)

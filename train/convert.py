@@ -1,0 +1,229 @@
+r"""Imports Hugging Face (or original-release) Mistral weights into an orbax checkpoint, and exports back.
+
+  python -m train.convert import --src=/models/Mistral-7B-v0.1 --out=imported/mistral_7b --scan
+  python -m train.convert import --src=/models/mistral-7B-v0.1 --format=original --rope_theta=10000 \
+      --out=imported/mistral_7b --scan
+  python -m train.convert export --src=workdirs/mistral_7b --out=/models/my-mistral --dtype=bfloat16
+
+Import reads `config.json` + `model.safetensors` (or the shards of `model.safetensors.index.json`), or,
+with --format=original, `params.json` + `consolidated*.safetensors` / `consolidated.*.pth` (query and key
+rows permuted from adjacent-pair to half-split RoPE). Tensors are read one at a time from memory-mapped
+shards and written into one preallocated parameter tree, so a 7B model is held once, in its stored
+dtype unless --dtype says otherwise. OUT gets `params/` (orbax), `config.json` (the model kwargs) and
+the tokenizer.model if SRC has one. Then:
+
+  python -m train --config=configs/mistral_7b.py:init=imported/mistral_7b --workdir=...   # finetune
+  python -m train.sample --workdir=imported/mistral_7b --prompt="..."                       # sample
+
+Export takes an imported directory or a training workdir (its latest checkpoint's parameters, never
+the optimizer state) and writes config.json + safetensors shards + model.safetensors.index.json that
+`transformers.MistralForCausalLM.from_pretrained` loads.
+"""
+import glob
+import json
+import os
+import shutil
+import sys
+
+from absl import app, flags, logging
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+
+_SRC = flags.DEFINE_string('src', None, 'import: HF or original model directory; export: imported dir or workdir.')
+_OUT = flags.DEFINE_string('out', None, 'Output directory.')
+_FORMAT = flags.DEFINE_enum('format', 'hf', ['hf', 'original'], 'import: layout of --src.')
+_SCAN = flags.DEFINE_bool('scan', False, 'import: stack layers for Model(scan=True), as the pod configs use.')
+_DTYPE = flags.DEFINE_enum('dtype', None, ['float32', 'bfloat16'], 'Stored dtype (default: keep).')
+_ROPE_THETA = flags.DEFINE_float('rope_theta', None, 'import --format=original: when params.json has none.')
+_STEP = flags.DEFINE_integer('checkpoint_step', None, 'export from a workdir: its checkpoint step (default latest).')
+_SHARD_BYTES = flags.DEFINE_integer('max_shard_bytes', 5 * 2**30, 'export: bytes per safetensors shard.')
+
+MODEL_NAME = 'mistral'
+
+
+def _tensor_files(src: str, fmt: str) -> list[str]:
+  if fmt == 'hf':
+    index = os.path.join(src, 'model.safetensors.index.json')
+    if os.path.exists(index):
+      with open(index) as f:
+        return [os.path.join(src, n) for n in sorted(set(json.load(f)['weight_map'].values()))]
+    files = sorted(glob.glob(os.path.join(src, 'model*.safetensors')))
+  else:
+    files = sorted(glob.glob(os.path.join(src, 'consolidated*.safetensors'))) or sorted(
+        glob.glob(os.path.join(src, 'consolidated*.pth')))
+  if not files:
+    want = 'model*.safetensors' if fmt == 'hf' else 'consolidated*.safetensors or consolidated*.pth'
+    raise FileNotFoundError(f'no {want} in {src}; pass the model directory as --src (and --format).')
+  return files
+
+
+def _read_tensors(path: str):
+  """Yields (name, numpy array) one at a time; the file stays memory-mapped, never loaded whole."""
+  if path.endswith('.safetensors'):
+    from safetensors import safe_open
+    with safe_open(path, framework='np') as f:
+      for name in f.keys():
+        yield name, f.get_tensor(name)
+  else:
+    import torch  # Only the original .pth release needs it.
+    state = torch.load(path, map_location='cpu', mmap=True, weights_only=True)
+    for name in list(state):
+      tensor = state.pop(name)
+      if tensor.dtype == torch.bfloat16:
+        yield name, tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+      else:
+        yield name, tensor.numpy()
+
+
+def _load_json(path: str) -> dict:
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'{path} not found; --src must be a model directory with its config.')
+  with open(path) as f:
+    return json.load(f)
+
+
+def abstract_params(model_kwargs: dict):
+  """Unboxed ShapeDtypeStructs of Model(**model_kwargs)'s parameters (no memory)."""
+  import flax.linen as nn
+  from models import mistral
+  model = mistral.Model(**model_kwargs)
+  boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))['params']
+  return nn.meta.unbox(boxed)
+
+
+def import_model(src: str, out: str, *, fmt: str = 'hf', scan: bool = False, dtype: str | None = None,
+                 rope_theta: float | None = None) -> dict:
+  """Streams SRC's tensors into OUT/params; returns the model kwargs written to OUT/config.json."""
+  from models import mistral
+  from train import checkpoint
+  if fmt == 'hf':
+    hf_config = _load_json(os.path.join(src, 'config.json'))
+  else:
+    hf_config = mistral.hf_config_from_original(_load_json(os.path.join(src, 'params.json')), rope_theta)
+  kwargs = mistral.model_kwargs_from_hf(hf_config)
+  kwargs['scan'] = scan
+  shapes = abstract_params(kwargs)
+  params, filled = None, set()
+  for path in _tensor_files(src, fmt):
+    for name, array in _read_tensors(path):
+      if fmt == 'original':
+        name, array = mistral.original_tensor_to_hf(name, array, kwargs['head_dim'])
+      converted = mistral.hf_tensor_to_param(name, array, kwargs)
+      if converted is None:
+        continue
+      key, value = converted
+      if params is None:  # One tree in the first tensor's dtype, allocated once.
+        target = np.dtype(dtype or value.dtype)
+        params = jax.tree.map(lambda s: np.empty(s.shape, target), shapes)
+      layer = None
+      if scan and key[0].startswith('layer_'):
+        layer, key = int(key[0][len('layer_'):]), ('layers', *key[1:])
+      node = params
+      for k in key[:-1]:
+        node = node[k]
+      dest = node[key[-1]] if layer is None else node[key[-1]][layer]
+      if dest.shape != value.shape:
+        raise ValueError(f'{name} has shape {value.shape} but the config implies {dest.shape}; '
+                         'is the config.json/params.json the one of these weights?')
+      dest[...] = value
+      filled.add(name)
+  missing = sorted(set(mistral.hf_names(kwargs)) - filled)
+  if missing:
+    raise ValueError(f'{len(missing)} tensors missing from {src}, e.g. {missing[:3]}; are all shards there?')
+  os.makedirs(out, exist_ok=True)
+  checkpoint.save_params(out, params)
+  tokenizer = os.path.join(src, 'tokenizer.model')
+  if os.path.exists(tokenizer):
+    shutil.copy(tokenizer, os.path.join(out, 'tokenizer.model'))
+  record = {'model_name': MODEL_NAME, 'model': kwargs, 'imported_from': os.path.abspath(src),
+            'data': {'tokenizer': os.path.abspath(os.path.join(out, 'tokenizer.model'))
+                     if os.path.exists(tokenizer) else None}}
+  with open(os.path.join(out, 'config.json'), 'w') as f:
+    json.dump(record, f, indent=2)
+  return kwargs
+
+
+def load_params(src: str, step: int | None = None):
+  """(model kwargs, numpy params) of an imported directory or a training workdir (EMA copy if kept)."""
+  from train import checkpoint
+  config = _load_json(os.path.join(src, 'config.json'))
+  if config.get('model_name') != MODEL_NAME:
+    raise ValueError(f"{src} holds model_name={config.get('model_name')!r}; only {MODEL_NAME!r} exports to HF.")
+  kwargs = config['model']
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices(backend='cpu')[0])
+  target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), abstract_params(kwargs))
+  key = 'ema_params' if (config.get('optimizer') or {}).get('ema_decay') else 'params'
+  params = checkpoint.restore_params(src, target, step=step, key=key)
+  return kwargs, jax.tree.map(np.asarray, params)
+
+
+def export_model(src: str, out: str, *, step: int | None = None, dtype: str | None = None,
+                 max_shard_bytes: int = 5 * 2**30) -> list[str]:
+  """Writes OUT/config.json, OUT/model-0000i-of-0000n.safetensors and the index; returns the shard paths."""
+  from safetensors.numpy import save_file
+  from models import mistral
+  kwargs, params = load_params(src, step)
+  if 'layers' in params:  # Per-layer views of the stacked arrays, no copy.
+    params = mistral.unstack_layers(params)
+  cast = (lambda a: a.astype(dtype)) if dtype else (lambda a: a)
+  tensors = [(path, value) for path, value in mistral.flat_params(params)]
+  shards, size = [[]], 0
+  for path, value in tensors:  # Plan the shards first: their count is in every file name.
+    nbytes = value.size * np.dtype(dtype or value.dtype).itemsize
+    if shards[-1] and size + nbytes > max_shard_bytes:
+      shards.append([])
+      size = 0
+    shards[-1].append((path, value))
+    size += nbytes
+  os.makedirs(out, exist_ok=True)
+  weight_map, total, files = {}, 0, []
+  for i, shard in enumerate(shards):
+    file = f'model-{i + 1:05d}-of-{len(shards):05d}.safetensors'
+    converted = {}
+    for path, value in shard:
+      name, array = mistral.param_to_hf_tensor(path, value)
+      converted[name] = np.ascontiguousarray(cast(array))
+      weight_map[name] = file
+      total += converted[name].nbytes
+    save_file(converted, os.path.join(out, file), metadata={'format': 'pt'})
+    files.append(os.path.join(out, file))
+    del converted
+  with open(os.path.join(out, 'model.safetensors.index.json'), 'w') as f:
+    json.dump({'metadata': {'total_size': total}, 'weight_map': weight_map}, f, indent=2)
+  config = mistral.hf_config_from_kwargs(kwargs)
+  config['torch_dtype'] = dtype or str(np.asarray(tensors[0][1]).dtype)
+  with open(os.path.join(out, 'config.json'), 'w') as f:
+    json.dump(config, f, indent=2)
+  tokenizer = os.path.join(src, 'tokenizer.model')
+  if os.path.exists(tokenizer):
+    shutil.copy(tokenizer, os.path.join(out, 'tokenizer.model'))
+  return files
+
+
+def main(argv):
+  if len(argv) != 2 or argv[1] not in ('import', 'export'):
+    print('error: usage: python -m train.convert import|export --src=DIR --out=DIR [flags]', file=sys.stderr)
+    sys.exit(2)
+  if not flags.FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)
+  if not _SRC.value or not _OUT.value:
+    print('error: --src and --out are both required.', file=sys.stderr)
+    sys.exit(2)
+  try:
+    if argv[1] == 'import':
+      kwargs = import_model(_SRC.value, _OUT.value, fmt=_FORMAT.value, scan=_SCAN.value, dtype=_DTYPE.value,
+                            rope_theta=_ROPE_THETA.value)
+      print(f'imported {_SRC.value} -> {_OUT.value}: {kwargs}')
+    else:
+      files = export_model(_SRC.value, _OUT.value, step=_STEP.value, dtype=_DTYPE.value,
+                           max_shard_bytes=_SHARD_BYTES.value)
+      print(f'exported {_SRC.value} -> {_OUT.value}: {len(files)} safetensors shard(s)')
+  except (FileNotFoundError, ValueError, KeyError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == '__main__':
+  app.run(main)

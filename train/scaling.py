@@ -1,0 +1,457 @@
+"""Scaling analysis of a compute-budget study: frontiers, power-law fits, compute-optimal allocation.
+
+Pure functions over `Run`s (one finished training run each: its model, epoch budget, compute and final
+held-out loss); `python -m train.analyze` reads workdirs into Runs and writes the report and figure.
+Fits are least squares in log-log space, where the paper's loss-vs-compute frontier is a straight line.
+"""
+from collections.abc import Sequence
+import dataclasses
+import math
+import warnings
+
+import numpy as np
+from scipy import optimize, stats
+
+CONVNET, VIT = 'nfnet', 'vit'
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  family: str
+  model: str
+  params: int
+  epochs: float
+  learning_rate: float
+  compute: float
+  loss: float
+  workdir: str = ''
+
+
+def frontier(points: Sequence[Sequence]) -> list:
+  """The compute-efficient frontier of (compute, loss, label...) points, sorted by compute.
+
+  A point is kept unless another has compute <= and loss strictly <: ties in both are all kept, and so is
+  a point that only equals the best loss reached with less compute.
+  """
+  ordered = sorted(points, key=lambda p: (p[0], p[1]))
+  kept, best = [], math.inf
+  i = 0
+  while i < len(ordered):
+    j = i
+    while j < len(ordered) and ordered[j][0] == ordered[i][0]:
+      j += 1
+    best = min(best, ordered[i][1])  # Sorted by loss within equal compute: [i] is the group's lowest.
+    kept.extend(p for p in ordered[i:j] if p[1] <= best)
+    i = j
+  return kept
+
+
+@dataclasses.dataclass(frozen=True)
+class PowerLawFit:
+  """loss = E + a * C^b (E = 0 without the irreducible term); CIs are (low, high) or None."""
+  a: float
+  b: float
+  E: float
+  a_ci: tuple[float, float] | None
+  b_ci: tuple[float, float] | None
+  E_ci: tuple[float, float] | None
+  r2: float
+  n: int
+  confidence: float
+  irreducible: bool
+  # Parameters (log a at the mean log C, b[, E / scale]), their covariance, and what undoes the centring.
+  theta: tuple[float, ...] = dataclasses.field(repr=False, default=())
+  cov: np.ndarray | None = dataclasses.field(repr=False, default=None, compare=False)
+  x_mean: float = dataclasses.field(repr=False, default=0.0)
+  E_scale: float = dataclasses.field(repr=False, default=1.0)
+  t: float = dataclasses.field(repr=False, default=math.nan)
+
+  def predict(self, compute) -> np.ndarray:
+    return np.exp(self._log_predict(np.log(np.asarray(compute, np.float64)))[0])
+
+  def band(self, compute) -> tuple[np.ndarray, np.ndarray]:
+    """Confidence band of the fitted mean loss at `compute` (the prediction itself when there is no CI)."""
+    log_pred, _ = self._log_predict(np.log(np.asarray(compute, np.float64)))
+    half = self.log_half_width(compute)
+    return np.exp(log_pred - half), np.exp(log_pred + half)
+
+  def log_half_width(self, compute) -> np.ndarray:
+    """Half-width of the band in log loss (0 without a CI)."""
+    _, grad = self._log_predict(np.log(np.asarray(compute, np.float64)))
+    if self.cov is None:
+      return np.zeros(grad.shape[1:])
+    var = np.einsum('i...,ij,j...->...', grad, self.cov, grad)
+    return self.t * np.sqrt(np.maximum(var, 0.0))
+
+  def _log_predict(self, x):
+    """log loss at log compute `x`, and its gradient with respect to theta."""
+    xc = x - self.x_mean
+    u = np.exp(self.theta[0] + self.theta[1] * xc)
+    if not self.irreducible:
+      return np.log(u), np.stack([np.ones_like(xc), xc])
+    e = self.theta[2] * self.E_scale
+    return np.log(e + u), np.stack([u, u * xc, np.full_like(u, self.E_scale)]) / (e + u)
+
+  def formula(self) -> str:
+    term = f'{self.a:.4g}·C^{self.b:.4g}'
+    return f'{self.E:.4g} + {term}' if self.irreducible else term
+
+
+def fit_power_law(compute, loss, irreducible: bool = False, confidence: float = 0.95) -> PowerLawFit:
+  """Fits loss = a * C^b (or E + a * C^b, E >= 0) by least squares on log loss.
+
+  CIs are Student-t intervals on the coefficients (n - 2 or n - 3 degrees of freedom): b and E directly,
+  a through log a. Two points (three with E) give an exact fit without CIs.
+  """
+  c, y = np.asarray(compute, np.float64).ravel(), np.asarray(loss, np.float64).ravel()
+  if c.shape != y.shape:
+    raise ValueError(f'compute and loss differ in length ({c.size} vs {y.size}).')
+  k = 3 if irreducible else 2
+  if c.size < k:
+    raise ValueError(f'a power-law fit{" with E" if irreducible else ""} needs at least {k} points, got {c.size}.')
+  if not (np.all(np.isfinite(c)) and np.all(np.isfinite(y)) and np.all(c > 0) and np.all(y > 0)):
+    raise ValueError('power-law fits need finite, positive compute and loss values.')
+  if np.unique(c).size < 2:
+    raise ValueError('a power-law fit needs at least two distinct compute values.')
+  x = np.log(c)
+  x_mean = float(x.mean())
+  xc, ly = x - x_mean, np.log(y)
+  dof = c.size - k
+  if irreducible:
+    theta, cov, scale = _fit_with_floor(xc, ly, y.min())
+  else:
+    theta, cov, scale = _fit_line(xc, ly), None, 1.0
+  fit = PowerLawFit(a=0.0, b=0.0, E=0.0, a_ci=None, b_ci=None, E_ci=None, r2=math.nan, n=c.size,
+                    confidence=confidence, irreducible=irreducible, theta=tuple(theta), x_mean=x_mean,
+                    E_scale=scale)
+  residuals = ly - fit._log_predict(x)[0]
+  sse = float(residuals @ residuals)
+  sst = float(((ly - ly.mean()) ** 2).sum())
+  log_a, b = theta[0] - theta[1] * x_mean, theta[1]
+  E = theta[2] * scale if irreducible else 0.0
+  if not irreducible and dof > 0:  # Centred x: the intercept and slope are uncorrelated.
+    cov = sse / dof * np.diag([1.0 / c.size, 1.0 / float(xc @ xc)])
+  cis = {}
+  if dof > 0 and cov is not None:
+    t = float(stats.t.ppf(0.5 + confidence / 2, dof))
+    # log a = theta0 - x_mean * theta1: the centred intercept's variance carried back to C = 1.
+    to_log_a = np.zeros(len(theta))
+    to_log_a[:2] = 1.0, -x_mean
+    se_log_a = math.sqrt(max(to_log_a @ cov @ to_log_a, 0.0))
+    se = np.sqrt(np.maximum(np.diag(cov), 0.0))
+    cis['a_ci'] = (math.exp(log_a - t * se_log_a), math.exp(log_a + t * se_log_a))
+    cis['b_ci'] = (float(b - t * se[1]), float(b + t * se[1]))
+    if irreducible:
+      cis['E_ci'] = (max(float(E - t * se[2] * scale), 0.0), float(E + t * se[2] * scale))
+    cis.update(cov=cov, t=t)
+  r2 = 1.0 - sse / sst if sst > 0 else (1.0 if sse == 0 else math.nan)
+  return dataclasses.replace(fit, a=math.exp(log_a), b=float(b), E=float(E), r2=r2, **cis)
+
+
+def _fit_line(xc, ly):
+  slope = float(xc @ (ly - ly.mean()) / (xc @ xc))
+  return np.array([ly.mean(), slope])
+
+
+def _fit_with_floor(xc, ly, min_loss):
+  """theta = (log a at the mean log C, b, E / min_loss): all of order one, so the fit is well conditioned."""
+  def model(x, log_a, b, e):
+    return np.log(e * min_loss + np.exp(log_a + b * x))
+
+  starts = []
+  for e in (0.0, 0.3, 0.6, 0.8, 0.9, 0.95, 0.99):  # A line through log(loss - E) for a few guesses of E.
+    line = _fit_line(xc, np.log(np.exp(ly) - e * min_loss))
+    theta = np.array([*line, e])
+    starts.append((float(((model(xc, *theta) - ly) ** 2).sum()), theta))
+  p0 = min(starts, key=lambda s: s[0])[1]
+  with warnings.catch_warnings():
+    warnings.simplefilter('ignore', optimize.OptimizeWarning)  # Infinite covariance at zero dof.
+    theta, cov = optimize.curve_fit(model, xc, ly, p0=p0, bounds=([-np.inf, -np.inf, 0.0], np.inf),
+                                    method='trf', ftol=1e-14, xtol=1e-14, gtol=1e-14, max_nfev=10000)
+  return theta, (cov if np.all(np.isfinite(cov)) else None), float(min_loss)
+
+
+def best_per_budget(runs: Sequence[Run]) -> list[Run]:
+  """Per (family, model, epochs), the run of lowest loss: the learning-rate sweep's winner."""
+  best = {}
+  for r in runs:
+    key = (r.family, r.model, r.epochs)
+    if key not in best or r.loss < best[key].loss:
+      best[key] = r
+  return sorted(best.values(), key=lambda r: (r.family, r.params, r.model, r.compute))
+
+
+@dataclasses.dataclass(frozen=True)
+class Allocation:
+  compute: float
+  model: str
+  params: int
+  epochs: float
+  loss: float
+
+
+@dataclasses.dataclass(frozen=True)
+class ComputeOptimal:
+  """The best (model, epochs) per compute level; params_opt ∝ C^alpha and epochs_opt ∝ C^beta."""
+  allocations: list[Allocation]
+  params_fit: PowerLawFit | None
+  epochs_fit: PowerLawFit | None
+
+  @property
+  def alpha(self) -> float | None:
+    return self.params_fit.b if self.params_fit else None
+
+  @property
+  def beta(self) -> float | None:
+    return self.epochs_fit.b if self.epochs_fit else None
+
+
+def compute_levels(runs: Sequence[Run], num: int = 8) -> np.ndarray:
+  """The sweep's shared compute budgets (reached by two or more models, to 4 significant digits) where there
+  are at least two of them, else `num` log-spaced levels across the runs' compute range."""
+  groups = {}
+  for r in runs:
+    groups.setdefault(float(f'{r.compute:.4g}'), []).append(r)
+  shared = [np.exp(np.mean(np.log([r.compute for r in g]))) for _, g in sorted(groups.items())
+            if len({r.model for r in g}) >= 2]
+  if len(shared) >= 2:
+    return np.array(shared)
+  c = np.array([r.compute for r in runs])
+  return np.geomspace(c.min(), c.max(), num)
+
+
+def compute_optimal(runs: Sequence[Run], levels=None, num_levels: int = 8,
+                    confidence: float = 0.95) -> ComputeOptimal:
+  """At each compute level, the model whose loss-vs-compute curve is lowest there, and its epochs.
+
+  Each model's curve is linear in log-log between its runs (the best learning rate per epoch budget) and is
+  not extrapolated beyond them (by more than the 0.1% that budgets shared by several models may differ).
+  The winner's epoch budget is the level over its compute per epoch.
+  """
+  if len({r.family for r in runs}) > 1:
+    raise ValueError(f'compute_optimal takes one family\'s runs, got {sorted({r.family for r in runs})}.')
+  runs = best_per_budget(runs)
+  if not runs:
+    return ComputeOptimal([], None, None)
+  levels = compute_levels(runs, num_levels) if levels is None else np.asarray(levels, np.float64)
+  curves = {}
+  for model in dict.fromkeys(r.model for r in runs):
+    points = sorted((r for r in runs if r.model == model), key=lambda r: r.compute)
+    log_c, log_loss = np.log([r.compute for r in points]), np.log([r.loss for r in points])
+    per_epoch = math.exp(np.mean([math.log(r.compute / r.epochs) for r in points]))
+    curves[model] = (log_c, log_loss, points[0].params, per_epoch)
+  allocations = []
+  for level in levels:
+    x = math.log(level)
+    reached = {m: float(np.exp(np.interp(x, log_c, log_loss))) for m, (log_c, log_loss, _, _) in curves.items()
+               if log_c[0] - 1e-3 <= x <= log_c[-1] + 1e-3}
+    if reached:
+      model = min(reached, key=reached.get)
+      _, _, params, per_epoch = curves[model]
+      allocations.append(Allocation(float(level), model, params, float(level / per_epoch), reached[model]))
+  params_fit = epochs_fit = None
+  if len({a.compute for a in allocations}) >= 2:
+    c = [a.compute for a in allocations]
+    params_fit = fit_power_law(c, [a.params for a in allocations], confidence=confidence)
+    epochs_fit = fit_power_law(c, [a.epochs for a in allocations], confidence=confidence)
+  return ComputeOptimal(allocations, params_fit, epochs_fit)
+
+
+@dataclasses.dataclass(frozen=True)
+class Comparison:
+  """The best ConvNet's fitted loss over the best ViT's, at equal compute within both families' ranges."""
+  compute: float  # Geometric mean of the overlap.
+  overlap: tuple[float, float]
+  ratio: float
+  ratio_ci: tuple[float, float] | None  # From both fits' confidence bands; None without CIs.
+  ratio_range: tuple[float, float]  # Lowest and highest ratio across the overlap.
+
+  @property
+  def verdict(self) -> str:
+    lo, hi = self.ratio_ci or (self.ratio, self.ratio)
+    if lo <= 1.0 <= hi:
+      return 'matches'
+    return 'convnet better' if hi < 1.0 else 'vit better'
+
+
+def compare(convnet: PowerLawFit, vit: PowerLawFit, convnet_range: tuple[float, float],
+            vit_range: tuple[float, float]) -> Comparison | None:
+  """None when the two compute ranges do not overlap."""
+  lo, hi = max(convnet_range[0], vit_range[0]), min(convnet_range[1], vit_range[1])
+  if lo > hi:
+    return None
+  at = math.sqrt(lo * hi)
+  ratio = float(convnet.predict(at) / vit.predict(at))
+  ratio_ci = None
+  if convnet.cov is not None and vit.cov is not None:
+    # The two fits are independent: the log ratio's half-width adds their bands' in quadrature.
+    half = math.hypot(float(convnet.log_half_width(at)), float(vit.log_half_width(at)))
+    ratio_ci = (ratio * math.exp(-half), ratio * math.exp(half))
+  grid = np.geomspace(lo, hi, 65)
+  ratios = convnet.predict(grid) / vit.predict(grid)
+  return Comparison(at, (lo, hi), ratio, ratio_ci, (float(ratios.min()), float(ratios.max())))
+
+
+@dataclasses.dataclass(frozen=True)
+class Study:
+  runs: list[Run]
+  frontiers: dict[str, list[Run]]  # Per family.
+  fits: dict[str, PowerLawFit | str]  # A fit, or why there is none.
+  optimal: dict[str, ComputeOptimal]
+  comparison: Comparison | None
+  confidence: float
+
+  def on_frontier(self, run: Run) -> bool:
+    return any(run is r for r in self.frontiers.get(run.family, ()))
+
+
+def analyze(runs: Sequence[Run], irreducible: bool = False, confidence: float = 0.95,
+            num_levels: int = 8) -> Study:
+  """Per family: its frontier, a power law through it, the compute-optimal allocation; then ConvNet vs ViT."""
+  runs = sorted(runs, key=lambda r: (r.family, r.params, r.model, r.compute, r.learning_rate))
+  families = sorted({r.family for r in runs})
+  frontiers, fits, optimal = {}, {}, {}
+  for family in families:
+    members = [r for r in runs if r.family == family]
+    frontiers[family] = [p[2] for p in frontier([(r.compute, r.loss, r) for r in members])]
+    try:
+      fits[family] = fit_power_law([r.compute for r in frontiers[family]], [r.loss for r in frontiers[family]],
+                                   irreducible=irreducible, confidence=confidence)
+    except ValueError as e:
+      fits[family] = f'no fit on {len(frontiers[family])} frontier runs: {e}'
+    optimal[family] = compute_optimal(members, num_levels=num_levels, confidence=confidence)
+  comparison = None
+  if isinstance(fits.get(CONVNET), PowerLawFit) and isinstance(fits.get(VIT), PowerLawFit):
+    span = {f: (frontiers[f][0].compute, frontiers[f][-1].compute) for f in (CONVNET, VIT)}
+    comparison = compare(fits[CONVNET], fits[VIT], span[CONVNET], span[VIT])
+  return Study(runs, frontiers, fits, optimal, comparison, confidence)
+
+
+def _count(n: float) -> str:
+  for unit, size in (('B', 1e9), ('M', 1e6), ('k', 1e3)):
+    if n >= size:
+      return f'{n / size:.3g}{unit}'
+  return f'{n:.3g}'
+
+
+def _ci(value: float, ci, fmt: str = '.4g') -> str:
+  return f'{value:{fmt}}' + (f' [{ci[0]:{fmt}}, {ci[1]:{fmt}}]' if ci else '')
+
+
+def markdown(study: Study, compute_label: str, notes: Sequence[str] = ()) -> str:
+  """The report: every run, the per-family fits, the compute-optimal allocation and the ConvNet-ViT answer."""
+  pct = f'{study.confidence:.0%}'
+  lines = ['# Compute-budget study', '',
+           f'{len(study.runs)} finished runs; compute: {compute_label}; loss: final held-out `eval/loss`. '
+           'Frontier: no other run of the family has compute <= and a lower loss.', '']
+  if notes:
+    lines += [f'- {n}' for n in notes] + ['']
+  lines += ['## Runs', '', '| family | model | params | epochs | lr | compute | loss | frontier |',
+            '|---|---|---:|---:|---:|---:|---:|:---:|']
+  for r in study.runs:
+    mark = '*' if study.on_frontier(r) else ''
+    lines.append(f'| {r.family} | {r.model} | {_count(r.params)} | {r.epochs:.4g} | {r.learning_rate:.3g} | '
+                 f'{r.compute:.4g} | {r.loss:.4f} | {mark} |')
+
+  lines += ['', f'## Power laws through each family\'s frontier ({pct} CIs)', '',
+            '| family | frontier runs | a | b | E | r² (log) |', '|---|---:|---|---|---|---:|']
+  for family, fit in study.fits.items():
+    if isinstance(fit, str):
+      lines.append(f'| {family} | {len(study.frontiers[family])} | {fit} | | | |')
+      continue
+    e = _ci(fit.E, fit.E_ci) if fit.irreducible else '-'
+    lines.append(f'| {family} | {fit.n} | {_ci(fit.a, fit.a_ci)} | {_ci(fit.b, fit.b_ci)} | {e} | {fit.r2:.4f} |')
+
+  lines += ['', '## Compute-optimal allocation', '',
+            'Each model\'s loss is interpolated (log-log, between its runs) at each compute level; the lowest wins.',
+            '', '| family | compute | model | params | epochs | loss |', '|---|---:|---|---:|---:|---:|']
+  for family, opt in study.optimal.items():
+    for a in opt.allocations:
+      lines.append(f'| {family} | {a.compute:.4g} | {a.model} | {_count(a.params)} | {a.epochs:.4g} | {a.loss:.4f} |')
+  lines.append('')
+  for family, opt in study.optimal.items():
+    if opt.params_fit is None:
+      lines.append(f'- {family}: fewer than 2 compute levels, no growth rates.')
+      continue
+    ci = opt.params_fit.b_ci is not None
+    lines.append(f'- {family}: params_opt ∝ C^{_ci(opt.alpha, opt.params_fit.b_ci, ".3f")}, '
+                 f'epochs_opt ∝ C^{_ci(opt.beta, opt.epochs_fit.b_ci, ".3f")} '
+                 f'({len(opt.allocations)} levels{f", {pct} CIs" if ci else ", too few levels for CIs"}).')
+
+  if CONVNET in study.fits and VIT in study.fits:
+    lines += ['', '## ConvNets vs ViTs at equal compute', '', _answer(study)]
+  return '\n'.join(lines) + '\n'
+
+
+def _answer(study: Study) -> str:
+  c = study.comparison
+  if c is None:
+    if not all(isinstance(study.fits[f], PowerLawFit) for f in (CONVNET, VIT)):
+      return 'No answer: both families need a fitted frontier (see the fits above).'
+    return 'No answer: the two families\' frontiers cover compute ranges that do not overlap.'
+  diff = (c.ratio - 1) * 100
+  head = (f'At equal compute (C = {c.compute:.4g}, the geometric mean of the overlap {c.overlap[0]:.4g}-'
+          f'{c.overlap[1]:.4g} of the two frontiers), the best ConvNet\'s held-out loss is {c.ratio:.4f}x the best '
+          f'ViT\'s ({diff:+.2f}%')
+  if c.ratio_ci:
+    head += f'; {study.confidence:.0%} CI {c.ratio_ci[0]:.4f}-{c.ratio_ci[1]:.4f}'
+  head += f'; {c.ratio_range[0]:.4f}-{c.ratio_range[1]:.4f}x across the overlap): '
+  if c.ratio_ci is None:
+    tail = ('the ConvNet is lower' if c.ratio < 1 else 'the ViT is lower' if c.ratio > 1 else 'equal') + \
+        ' (no confidence bands: a fit has too few frontier runs).'
+  else:
+    tail = {'matches': 'ConvNets match ViTs (the difference is within the fits\' confidence bands).',
+            'convnet better': 'the ConvNet is better (lower loss, outside the fits\' confidence bands).',
+            'vit better': 'the ViT is better (lower loss, outside the fits\' confidence bands).'}[c.verdict]
+  return '**Answer:** ' + head + tail
+
+
+_COLORMAPS = {CONVNET: 'Blues', VIT: 'Oranges'}
+_SPARE_COLORMAPS = ('Greens', 'Purples', 'Reds', 'Greys')
+
+
+def plot(study: Study, path: str, compute_label: str, title: str = 'Held-out loss vs training compute') -> None:
+  """Loss against compute on log-log axes: one line per model, shaded by size within its family's colour;
+  the frontier circled; each family's fitted power law dashed over its frontier's range."""
+  import matplotlib
+  matplotlib.use('Agg')
+  from matplotlib import pyplot as plt
+
+  fig, ax = plt.subplots(figsize=(8, 5.6), dpi=125)
+  spare = iter(_SPARE_COLORMAPS * 10)
+  markers = iter('o s ^ D v P X'.split() * 10)
+  best = set(map(id, best_per_budget(study.runs)))
+  for family in sorted({r.family for r in study.runs}):
+    cmap = matplotlib.colormaps[_COLORMAPS.get(family) or next(spare)]
+    marker = next(markers)
+    models = sorted({(r.params, r.model) for r in study.runs if r.family == family})
+    for i, (params, model) in enumerate(models):
+      color = cmap(0.45 + 0.5 * i / max(len(models) - 1, 1))
+      runs = [r for r in study.runs if r.family == family and r.model == model]
+      line = sorted((r for r in runs if id(r) in best), key=lambda r: r.compute)
+      ax.plot([r.compute for r in line], [r.loss for r in line], marker=marker, color=color, lw=1.5, ms=6,
+              label=f'{family} {model} ({_count(params)})')
+      others = [r for r in runs if id(r) not in best]  # Learning rates that lost their epoch budget's sweep.
+      if others:
+        ax.scatter([r.compute for r in others], [r.loss for r in others], marker=marker, color=color, alpha=0.3, s=16)
+    fit = study.fits[family]
+    front = study.frontiers[family]
+    if isinstance(fit, PowerLawFit):
+      grid = np.geomspace(front[0].compute, front[-1].compute, 100)
+      ax.plot(grid, fit.predict(grid), ls='--', lw=2, color=cmap(0.95), label=f'{family} fit: L = {fit.formula()}')
+  front = [r for f in study.frontiers.values() for r in f]
+  ax.scatter([r.compute for r in front], [r.loss for r in front], s=140, facecolors='none', edgecolors='black',
+             linewidths=1.4, zorder=5, label='compute-efficient frontier')
+  ax.set_xscale('log')
+  ax.set_yscale('log')
+  plain = matplotlib.ticker.FuncFormatter(lambda v, _: f'{v:g}')  # Losses span less than a decade.
+  ax.yaxis.set_major_formatter(plain)
+  ax.yaxis.set_minor_formatter(plain)
+  ax.set_xlabel(compute_label)
+  ax.set_ylabel('held-out loss')
+  ax.set_title(title)
+  ax.grid(True, which='both', alpha=0.25)
+  ax.legend(fontsize=7, ncol=2)
+  fig.tight_layout()
+  fig.savefig(path)
+  plt.close(fig)

@@ -1,0 +1,189 @@
+r"""Runs a study: expands a sweep config into named runs, trains them one after another, then analyses them.
+
+  python -m train.sweep --config=configs/convnets_at_scale_cpu.py --workdir=workdirs/convnets_at_scale_cpu
+  python -m train.sweep --config=configs/convnets_at_scale.py --workdir=gs://BUCKET/study --dry_run
+
+A sweep config is an ordinary config file (its `get_config(arg)` builds one run, so any single run is also
+`python -m train --config=FILE:ARG`) that adds `get_sweep(arg) -> [ARG, ...]`, the runs' config arguments,
+and `run_name(ARG) -> str`, each run's directory under --workdir. Every run's config has a `study` block
+(family, model, epochs, learning_rate, input_shape) and a `budget`.
+
+--dry_run prints every run's steps, analytic FLOPs and estimated core-hours (budget.hardware at budget.mfu)
+and the total, without data or an accelerator. Otherwise finished runs are skipped, an interrupted one
+resumes from its checkpoint, and after the last run the analysis (train.analyze) writes
+WORKDIR/study.md and WORKDIR/study.png. Rerunning the same command continues where it stopped. On a pod,
+launch this command through `python -m train.launch up ... --command='python -m train.sweep ...'`: every host
+runs the same sweep in lockstep.
+"""
+import dataclasses
+import importlib.util
+import json
+import os
+import sys
+import time
+
+from absl import app, flags, logging
+import jax
+import jax.numpy as jnp
+
+from train import compute, launch
+
+_CONFIG = flags.DEFINE_string('config', None, 'Sweep config file, optionally FILE.py:ARG (passed to get_sweep).')
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Parent directory of the runs\' workdirs.')
+_DRY_RUN = flags.DEFINE_bool('dry_run', False, 'Print the runs and their estimated cost; train nothing.')
+_ONLY = flags.DEFINE_string('only', None, 'Run only the runs whose name contains this string.')
+_ANALYZE = flags.DEFINE_bool('analyze', True, 'Analyse the finished runs at the end.')
+_SET = flags.DEFINE_multi_string('set', [], 'key=value config overrides for every run, e.g. --set=data.data_dir=DIR.')
+
+
+@dataclasses.dataclass
+class Run:
+  name: str
+  spec: str  # FILE.py:ARG, what `python -m train --config=` takes for this run alone
+  config: object
+  steps: int
+  flops_per_example: float
+  params: int
+
+  @property
+  def train_flops(self) -> float:
+    return self.flops_per_example * self.steps * self.config.batch_size
+
+  def core_hours(self) -> float | None:
+    budget = self.config.get('budget') or {}
+    hardware = budget.get('hardware')
+    return compute.estimated_core_hours(self.train_flops, hardware, budget.get('mfu') or 1.0) if hardware else None
+
+
+def _module(path: str):
+  if not os.path.isfile(path):
+    raise ValueError(f'--config={path}: no such file (run from the repository root).')
+  spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  for name in ('get_config', 'get_sweep', 'run_name'):
+    if not hasattr(module, name):
+      raise ValueError(f'{path} has no {name}(); a sweep config defines get_config, get_sweep and run_name.')
+  return module
+
+
+def _param_count(config, input_shape) -> int:
+  from train import loop
+  model = loop.build_model(config)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, *input_shape))))
+  return sum(x.size for x in jax.tree.leaves(shapes['params']))
+
+
+def plan(config_spec: str, overrides=()) -> list[Run]:
+  """The sweep's runs, each with its config (overrides applied, total_steps from the budget) and estimates."""
+  path, _, arg = config_spec.partition(':')
+  module = _module(path)
+  runs = []
+  for run_arg in module.get_sweep(arg or None):
+    spec = f'{path}:{run_arg}'
+    config = launch.load_config(spec, [f'--config.{o}' for o in overrides])
+    if 'study' not in config or 'input_shape' not in config.study:
+      raise ValueError(f'{spec}: a sweep run needs config.study with input_shape (and family, model, epochs).')
+    input_shape = tuple(config.study.input_shape)
+    num_train = config.data.get('num_train_examples')
+    steps = (compute.resolve_budget(config, num_train_examples=num_train, input_shape=input_shape)
+             if config.get('budget') else config.total_steps)
+    with config.unlocked():
+      config.total_steps = steps
+      params = _param_count(config, input_shape)
+      config.study.params = params
+    runs.append(Run(module.run_name(run_arg), spec, config, steps,
+                    compute.train_flops_per_example(config, input_shape), params))
+  names = [r.name for r in runs]
+  if len(set(names)) != len(names):
+    raise ValueError(f'{path}: run_name gives the same name to several runs; make it include every swept value.')
+  return runs
+
+
+def finished(workdir: str) -> bool:
+  """Has this run evaluated at its last step (so the analysis can use it)?"""
+  try:
+    with open(os.path.join(workdir, 'config.json')) as f:
+      total = json.load(f)['total_steps']
+    with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+      last = [json.loads(line) for line in f if line.strip()][-1]
+  except (OSError, IndexError, KeyError, json.JSONDecodeError):
+    return False
+  return last.get('step') == total and 'eval/loss' in last
+
+
+def table(runs: list[Run]) -> str:
+  lines = [f'{"run":<24} {"params":>10} {"steps":>9} {"GFLOP/ex":>9} {"train FLOPs":>12} {"est. core-h":>12}']
+  for r in runs:
+    hours = r.core_hours()
+    lines.append(f'{r.name:<24} {r.params:>10,} {r.steps:>9,} {r.flops_per_example / 1e9:>9.4g} '
+                 f'{r.train_flops:>12.4g} {hours if hours is not None else float("nan"):>12.4g}')
+  hours = [r.core_hours() for r in runs]
+  total = sum(h for h in hours if h is not None)
+  budget = runs[0].config.get('budget') or {}
+  lines.append(f'{len(runs)} runs | {sum(r.train_flops for r in runs):.4g} training FLOPs | est. {total:.4g} '
+               f'core-hours on {budget.get("hardware")} at mfu {budget.get("mfu") or 1:g}')
+  return '\n'.join(lines)
+
+
+def run_all(runs: list[Run], workdir: str, analyze: bool = True) -> str | None:
+  """Trains the unfinished runs in order, then writes the analysis; returns the report (or None)."""
+  from train import analyze as analyze_lib, loop
+  # The runs of one model differ only in their length, which the compiled steps do not depend on (the
+  # learning rate is an input): XLA's persistent cache compiles each model once for the whole ladder.
+  jax.config.update('jax_compilation_cache_dir', os.path.join(workdir, 'compilation_cache'))
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.2)
+  done_flops, total_flops = 0.0, sum(r.train_flops for r in runs)
+  start = time.time()
+  for i, run in enumerate(runs):
+    run_dir = os.path.join(workdir, run.name)
+    if finished(run_dir):
+      print(f'[{i + 1}/{len(runs)}] {run.name}: finished earlier, skipped', flush=True)
+    else:
+      print(f'[{i + 1}/{len(runs)}] {run.name}: {run.steps} steps of batch {run.config.batch_size} '
+            f'({run.train_flops:.3g} FLOPs)', flush=True)
+      result = loop.train(run.config, run_dir)
+      if result['preempted']:
+        print('sweep stopped (preempted); rerun the same command to continue.', flush=True)
+        return None
+    done_flops += run.train_flops
+    elapsed = time.time() - start
+    print(f'sweep: {i + 1}/{len(runs)} runs, {100 * done_flops / total_flops:.0f}% of the FLOPs, '
+          f'{elapsed:.0f} s elapsed', flush=True)
+  if not analyze or jax.process_index() != 0:
+    return None
+  return analyze_lib.write_report([os.path.join(workdir, r.name) for r in runs], workdir)
+
+
+def main(argv):
+  if len(argv) > 1:
+    print(f'error: unexpected arguments {argv[1:]}', file=sys.stderr)
+    sys.exit(2)
+  if not flags.FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)
+  from train import analyze as analyze_lib
+  try:
+    if not _CONFIG.value or not (_WORKDIR.value or _DRY_RUN.value):
+      raise ValueError('--config and --workdir are required, e.g. --config=configs/convnets_at_scale_cpu.py '
+                       '--workdir=workdirs/convnets_at_scale_cpu')
+    runs = plan(_CONFIG.value, _SET.value)
+    if _ONLY.value:
+      runs = [r for r in runs if _ONLY.value in r.name]
+      if not runs:
+        raise ValueError(f'--only={_ONLY.value!r} matches no run name.')
+    print(table(runs), flush=True)
+    if _DRY_RUN.value:
+      return
+    import tensorflow_datasets as tfds
+    tfds.disable_progress_bar()
+    report = run_all(runs, _WORKDIR.value, _ANALYZE.value)
+  except (ValueError, FileNotFoundError, analyze_lib.StudyError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
+  if report:
+    print(report, end='')
+    print(f'wrote {_WORKDIR.value}/study.md and {_WORKDIR.value}/study.png', flush=True)
+
+
+if __name__ == '__main__':
+  app.run(main)
