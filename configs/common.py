@@ -72,3 +72,27 @@ def schedule(base_learning_rate: float, warmup_steps: int, decay: str = 'cosine'
 def optional(field_type, value=None):
   """A field that may be None yet stays overridable from the command line (e.g. data_dir)."""
   return config_dict.FieldReference(value, field_type=field_type)
+
+
+# The compute-budget study (configs/convnets_at_scale.py, configs/vit_at_scale.py): dataset name ->
+# (training images, classes, held-out split). JFT-4B is private: 'jft4b' is a tfds builder you provide.
+STUDY_DATASETS = {'imagenet2012': (1_281_167, 1000, 'validation'), 'jft4b': (4_000_000_000, 30_000, 'test')}
+STUDY_EPOCHS = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
+
+
+def study_image_data(dataset: str, train_res: int, eval_res: int) -> ml_collections.ConfigDict:
+  """The study's input pipeline: random-resized crops and flips only (the 2021 JFT recipe), pixels in [-1, 1]."""
+  if dataset not in STUDY_DATASETS:
+    raise ValueError(f'dataset {dataset!r} is unknown; use one of {sorted(STUDY_DATASETS)} (or add yours).')
+  num_train, _, eval_split = STUDY_DATASETS[dataset]
+  return ml_collections.ConfigDict(dict(
+      name=dataset, data_dir=optional(str), train_split='train', eval_split=eval_split,
+      pp_train=f'decode|inception_crop({train_res})|flip_lr|value_range(-1, 1)|keep("image", "label")',
+      pp_eval=f'decode|resize({eval_res + 32})|central_crop({eval_res})|value_range(-1, 1)|keep("image", "label")',
+      num_train_examples=num_train, num_threads=32, prefetch=4))
+
+
+def study_grid(models, epochs, learning_rates, **fixed) -> list[str]:
+  """Config arguments of every (model, epochs, lr) run, with `fixed` arguments appended to each."""
+  tail = ''.join(f',{k}={v}' for k, v in fixed.items())
+  return [f'model={m},epochs={e},lr={lr}{tail}' for m in models for e in epochs for lr in learning_rates]

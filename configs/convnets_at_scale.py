@@ -26,10 +26,8 @@ import ml_collections
 from configs import common
 
 MODELS = ('F0', 'F1', 'F3', 'F3+', 'F7', 'F7+')
-EPOCHS = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
+EPOCHS = common.STUDY_EPOCHS
 LEARNING_RATES = (0.4, 0.8, 1.6, 3.2)  # factors of 2 around the paper's small-budget optimum of 1.6
-# name -> (training images, classes, held-out split)
-DATASETS = {'imagenet2012': (1_281_167, 1000, 'validation'), 'jft4b': (4_000_000_000, 30_000, 'test')}
 TRAIN_RES, EVAL_RES = 224, 256
 
 
@@ -37,20 +35,14 @@ def get_config(arg=None):
   arg = common.parse_arg(arg, model='F0', epochs=1.0, lr=1.6, dataset='imagenet2012', mfu=0.35, runlocal=False)
   if arg.model not in MODELS:
     raise ValueError(f'model {arg.model!r} is not in the study; use one of {MODELS}.')
-  if arg.dataset not in DATASETS:
-    raise ValueError(f'dataset {arg.dataset!r} is unknown; use one of {sorted(DATASETS)} (or add yours).')
-  num_train, num_classes, eval_split = DATASETS[arg.dataset]
+  num_classes = common.STUDY_DATASETS.get(arg.dataset, (0, 0, ''))[1]
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.model_name = 'nfnet'
   c.model = dict(variant=arg.model, num_classes=num_classes, dropout=0.0, stochastic_depth=0.0,
                  numerics='deepmind', plus_stage1_width='public', dtype='bfloat16', conv_impl='native')
   c.task = dict(name='classification', label_smoothing=0.0)
-  c.data = dict(name=arg.dataset, data_dir=common.optional(str), train_split='train', eval_split=eval_split,
-                pp_train=f'decode|inception_crop({TRAIN_RES})|flip_lr|value_range(-1, 1)|keep("image", "label")',
-                pp_eval=f'decode|resize({EVAL_RES + 32})|central_crop({EVAL_RES})|value_range(-1, 1)'
-                        '|keep("image", "label")',
-                num_train_examples=num_train, num_threads=32, prefetch=4)
+  c.data = common.study_image_data(arg.dataset, TRAIN_RES, EVAL_RES)
   c.batch_size = 4096
   c.eval_batch_size = 4096
   c.budget = dict(epochs=arg.epochs, core_hours=common.optional(float), hardware='tpu_v4', mfu=arg.mfu)
@@ -72,9 +64,9 @@ def get_config(arg=None):
 
   if arg.runlocal:
     c.model.update(dtype='float32')
-    c.data.update(eval_split=f'{eval_split}[:64]', num_threads=2, prefetch=1)
+    c.data.update(eval_split=f'{c.data.eval_split}[:64]', num_threads=2, prefetch=1)
     c.batch_size = c.eval_batch_size = 16
-    c.budget.epochs = 16 * 20 / num_train  # 20 steps
+    c.budget.epochs = 16 * 20 / c.data.num_train_examples  # 20 steps
     c.log_every_steps, c.checkpoint_every_steps = 5, 10
   return c
 
@@ -82,8 +74,7 @@ def get_config(arg=None):
 def get_sweep(arg=None):
   """The paper's grid: one config argument string per run (model x epoch budget x learning rate)."""
   base = common.parse_arg(arg, dataset='imagenet2012', mfu=0.35)
-  return [f'model={m},epochs={e},lr={lr},dataset={base.dataset},mfu={base.mfu}'
-          for m in MODELS for e in EPOCHS for lr in LEARNING_RATES]
+  return common.study_grid(MODELS, EPOCHS, LEARNING_RATES, dataset=base.dataset, mfu=base.mfu)
 
 
 def run_name(run_arg: str) -> str:

@@ -51,6 +51,7 @@ def get_config(arg=None):
   c.eval_every_steps = 500 if finetune else 5_000
   c.checkpoint_every_steps = 250 if finetune else 1_000
   c.checkpoints_to_keep = 2
+  c.eval_at_start = finetune  # the imported model's validation loss before finetuning
 
   c.optimizer = common.adamw(weight_decay=0.1, grad_clip_norm=1.0, b2=0.95, eps=1e-5)
   c.schedule = common.schedule(base_learning_rate=1e-5 if finetune else 3e-4,

@@ -32,6 +32,7 @@ def get_config(arg=None):
   c.total_steps = 400
   c.log_every_steps = 20
   c.eval_every_steps = 200
+  c.eval_at_start = True  # the validation loss before training, to compare with the one after
   c.checkpoint_every_steps = 200
 
   c.optimizer = common.adamw(weight_decay=0.1, grad_clip_norm=1.0)

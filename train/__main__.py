@@ -1,13 +1,16 @@
 """Command line: python -m train --config=configs/NAME.py[:ARGS] --workdir=DIR [--config.key=value ...]
 
-Bad input (an unknown override, a missing dataset, a mesh or batch that does not fit the devices) ends the
-run at start-up with one line on stderr saying what is wrong and what to do; exit status 2.
+Exit status: 0 once the run has reached total_steps; 75 (PREEMPTED_EXIT) when a preemption notice stopped it
+after saving, so that a restart loop (train.launch's) reruns the same command, which resumes; 3 for a non-finite
+loss; 2 for bad input (an unknown override, a missing dataset, a mesh or batch that does not fit the devices),
+which ends the run at start-up with one line on stderr saying what is wrong and what to do.
 """
-import os
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from train import PREEMPTED_EXIT
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Path to a config file, optionally with :ARGS.',
                                           lock_config=True)
@@ -61,12 +64,18 @@ def main(argv):
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   except ValueError as e:
     _fail(str(e))
+  from etils import epath
   import tensorflow_datasets as tfds
   from train import loop  # After flag parsing, so --help is fast and errors come first.
   tfds.disable_progress_bar()
-  os.makedirs(_WORKDIR.value, exist_ok=True)
   try:
-    loop.train(_CONFIG.value, _WORKDIR.value)
+    epath.Path(_WORKDIR.value).mkdir(parents=True, exist_ok=True)
+  except ImportError as e:  # Nothing to reach gs:// with.
+    _fail(f'--workdir={_WORKDIR.value}: {e} (pip install -e \'.[tpu]\' brings it).')
+  except OSError as e:
+    _fail(f'cannot create --workdir={_WORKDIR.value}: {" ".join(str(e).split())}')
+  try:
+    result = loop.train(_CONFIG.value, _WORKDIR.value)
   except loop.NonFiniteLossError as e:
     _fail(str(e), code=3)
   except (ValueError, FileNotFoundError) as e:
@@ -74,6 +83,8 @@ def main(argv):
       raise
     _fail(f'{" ".join(str(e).split())} (--traceback for details)')
   distributed.shutdown()
+  if result['preempted']:
+    sys.exit(PREEMPTED_EXIT)
 
 
 if __name__ == '__main__':

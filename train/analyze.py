@@ -10,7 +10,6 @@ DIR/study.png (loss vs compute, log-log), and prints the report. Unfinished runs
   --compute=budget_core_hours  train FLOPs / (peak FLOP/s per device of budget.hardware x budget.mfu) / 3600
   --irreducible                fit loss = E + a * C^b instead of a * C^b
 """
-import glob
 import json
 import math
 import os
@@ -18,8 +17,10 @@ import re
 import sys
 
 from absl import app, flags
+from etils import epath
 
 from train import compute as compute_lib
+from train import paths as paths_lib
 from train import scaling
 
 _WORKDIRS = flags.DEFINE_multi_string('workdirs', None, 'Run workdirs or glob patterns (repeatable).')
@@ -67,8 +68,8 @@ def find_workdirs(patterns) -> list[str]:
   """Directories matched by the patterns (globs or plain paths), in order, each once."""
   found = []
   for pattern in patterns or ():
-    for path in sorted(glob.glob(os.path.expanduser(pattern))):
-      if os.path.isdir(path) and path not in found:
+    for path in paths_lib.glob(pattern):
+      if epath.Path(path).is_dir() and path not in found:
         found.append(path)
   if not found:
     raise StudyError(f'no workdirs matched --workdirs={list(patterns or [])}; pass run directories or a glob '
@@ -80,13 +81,12 @@ def read_run(workdir: str, compute: str = 'flops', peak_flops=None) -> scaling.R
   """The workdir's Run, or a one-line note of why it is unfinished."""
   paths = {name: os.path.join(workdir, name) for name in ('config.json', 'metrics.jsonl')}
   for name, path in paths.items():
-    if not os.path.isfile(path):
+    if not epath.Path(path).is_file():
       raise StudyError(f'{workdir} has no {name}: not a training workdir (python -m train writes both); '
                        'leave it out of --workdirs')
   try:
-    with open(paths['config.json']) as f:
-      config = json.load(f)
-    with open(paths['metrics.jsonl']) as f:
+    config = json.loads(epath.Path(paths['config.json']).read_text())
+    with epath.Path(paths['metrics.jsonl']).open() as f:
       records = [json.loads(line) for line in f if line.strip()]
   except json.JSONDecodeError as e:
     raise StudyError(f'{workdir}: unreadable JSON ({e}); fix or remove the file') from None
@@ -159,8 +159,8 @@ def compute_label(compute: str, workdirs) -> str:
     return 'training compute (core hours, measured)'
   hardware = set()
   for workdir in workdirs:
-    with open(os.path.join(workdir, 'config.json')) as f:
-      hardware.add((json.load(f).get('budget') or {}).get('hardware'))
+    config = json.loads(epath.Path(workdir, 'config.json').read_text())
+    hardware.add((config.get('budget') or {}).get('hardware'))
   name = re.sub(r'^tpu[_-]?', 'TPU-', f'{hardware.pop()} ') if len(hardware) == 1 else ''
   return f'training compute ({name}core hours, estimated from FLOPs)'
 
@@ -177,10 +177,10 @@ def write_report(patterns, out: str, compute: str = 'flops', irreducible: bool =
   study = scaling.analyze(runs, irreducible=irreducible, confidence=confidence, num_levels=num_levels)
   label = compute_label(compute, [r.workdir for r in runs])
   report = scaling.markdown(study, label, notes)
-  os.makedirs(out, exist_ok=True)
-  with open(os.path.join(out, 'study.md'), 'w') as f:
-    f.write(report)
-  scaling.plot(study, os.path.join(out, 'study.png'), label)
+  epath.Path(out).mkdir(parents=True, exist_ok=True)
+  epath.Path(out, 'study.md').write_text(report)
+  with epath.Path(out, 'study.png').open('wb') as f:  # A file object: matplotlib cannot open gs:// paths itself.
+    scaling.plot(study, f, label)
   return report
 
 

@@ -1,10 +1,14 @@
 """Orbax checkpoints of the train state, the data iterator and run bookkeeping, under WORKDIR/checkpoints."""
 import os
+import re
 from typing import Any
 
+from etils import epath
 import grain
 import jax
 import orbax.checkpoint as ocp
+
+from train import paths
 
 
 class Checkpointer:
@@ -16,7 +20,7 @@ class Checkpointer:
       # slice per shape: a win across TPU hosts, pure compile time when all devices share one CPU.
       ocp.type_handlers.register_type_handler(
           jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True)
-    self.directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
+    self.directory = os.path.join(paths.absolute(workdir), 'checkpoints')
     self.manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
@@ -35,6 +39,14 @@ class Checkpointer:
     """Restores `step`: arrays land in the shardings carried by `abstract_state`'s ShapeDtypeStructs."""
     args = {'state': ocp.args.StandardRestore(abstract_state), 'meta': ocp.args.JsonRestore()}
     if data_iter is not None:
+      step_dir = os.path.join(self.directory, str(step))
+      written = data_process_counts(step_dir)
+      if written and jax.process_count() not in written:  # grain would fail deep inside, naming a file.
+        n = ' or '.join(map(str, written))
+        processes = 'process' if n == '1' else 'processes'
+        raise ValueError(f'{step_dir} was written by {n} {processes} (a data position each) and resumes only with '
+                         f'as many, not {jax.process_count()}: rerun with {n} {processes}, or start over in a new '
+                         '--workdir.')
       args['data'] = grain.checkpoint.CheckpointRestore(data_iter)
     restored = self.manager.restore(step, args=ocp.args.Composite(**args))
     return restored['state'], restored['meta']
@@ -49,6 +61,15 @@ class Checkpointer:
     self.manager.close()
 
 
+def data_process_counts(step_dir: str) -> list[int]:
+  """N of the data iterator states in a checkpoint step (grain's data/process_{i}-of-{N}.json), normally one."""
+  data = epath.Path(step_dir, 'data')
+  if not data.is_dir():
+    return []
+  found = (re.fullmatch(r'process_\d+-of-(\d+)\.json', f.name) for f in data.iterdir())
+  return sorted({int(m[1]) for m in found if m})
+
+
 def abstract_with_shardings(tree, shardings):
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
@@ -56,7 +77,7 @@ def abstract_with_shardings(tree, shardings):
 def save_params(directory: str, params) -> None:
   """Writes a parameters-only checkpoint (numpy or jax leaves) to DIRECTORY/params."""
   with ocp.StandardCheckpointer() as checkpointer:
-    checkpointer.save(os.path.join(os.path.abspath(directory), 'params'), params, force=True)
+    checkpointer.save(os.path.join(paths.absolute(directory), 'params'), params, force=True)
 
 
 def restore_params(path: str, abstract_params, *, step: int | None = None, key: str = 'params'):
@@ -65,12 +86,12 @@ def restore_params(path: str, abstract_params, *, step: int | None = None, key: 
   `path` is a directory written by `python -m train.convert import` (PATH/params) or a training workdir
   (its latest checkpoint's state[key], or `step`'s; the optimizer state is never read).
   """
-  path = os.path.abspath(path)
-  if os.path.isdir(os.path.join(path, 'params')):
+  path = paths.absolute(path)
+  if epath.Path(path, 'params').is_dir():
     with ocp.StandardCheckpointer() as checkpointer:
       return checkpointer.restore(os.path.join(path, 'params'), abstract_params)
   directory = os.path.join(path, 'checkpoints')
-  if not os.path.isdir(directory):
+  if not epath.Path(directory).is_dir():
     raise FileNotFoundError(f'{path} has neither params/ (an imported model) nor checkpoints/ (a training '
                             'workdir); point at one of those.')
   with ocp.CheckpointManager(directory) as manager:

@@ -22,10 +22,10 @@ the optimizer state) and writes config.json + safetensors shards + model.safeten
 import glob
 import json
 import os
-import shutil
 import sys
 
 from absl import app, flags, logging
+from etils import epath
 import jax
 import jax.numpy as jnp
 import ml_dtypes
@@ -78,10 +78,9 @@ def _read_tensors(path: str):
 
 
 def _load_json(path: str) -> dict:
-  if not os.path.exists(path):
+  if not epath.Path(path).exists():
     raise FileNotFoundError(f'{path} not found; --src must be a model directory with its config.')
-  with open(path) as f:
-    return json.load(f)
+  return json.loads(epath.Path(path).read_text())
 
 
 def abstract_params(model_kwargs: dict):
@@ -95,9 +94,10 @@ def abstract_params(model_kwargs: dict):
 
 def import_model(src: str, out: str, *, fmt: str = 'hf', scan: bool = False, dtype: str | None = None,
                  rope_theta: float | None = None) -> dict:
-  """Streams SRC's tensors into OUT/params; returns the model kwargs written to OUT/config.json."""
+  """Streams SRC's tensors (a local directory: they are memory-mapped) into OUT/params (local or gs://);
+  returns the model kwargs written to OUT/config.json."""
   from models import mistral
-  from train import checkpoint
+  from train import checkpoint, paths
   if fmt == 'hf':
     hf_config = _load_json(os.path.join(src, 'config.json'))
   else:
@@ -132,16 +132,15 @@ def import_model(src: str, out: str, *, fmt: str = 'hf', scan: bool = False, dty
   missing = sorted(set(mistral.hf_names(kwargs)) - filled)
   if missing:
     raise ValueError(f'{len(missing)} tensors missing from {src}, e.g. {missing[:3]}; are all shards there?')
-  os.makedirs(out, exist_ok=True)
+  epath.Path(out).mkdir(parents=True, exist_ok=True)
   checkpoint.save_params(out, params)
   tokenizer = os.path.join(src, 'tokenizer.model')
   if os.path.exists(tokenizer):
-    shutil.copy(tokenizer, os.path.join(out, 'tokenizer.model'))
+    epath.Path(tokenizer).copy(epath.Path(out, 'tokenizer.model'), overwrite=True)
   record = {'model_name': MODEL_NAME, 'model': kwargs, 'imported_from': os.path.abspath(src),
-            'data': {'tokenizer': os.path.abspath(os.path.join(out, 'tokenizer.model'))
+            'data': {'tokenizer': paths.absolute(os.path.join(out, 'tokenizer.model'))
                      if os.path.exists(tokenizer) else None}}
-  with open(os.path.join(out, 'config.json'), 'w') as f:
-    json.dump(record, f, indent=2)
+  epath.Path(out, 'config.json').write_text(json.dumps(record, indent=2))
   return kwargs
 
 
@@ -161,9 +160,16 @@ def load_params(src: str, step: int | None = None):
 
 def export_model(src: str, out: str, *, step: int | None = None, dtype: str | None = None,
                  max_shard_bytes: int = 5 * 2**30) -> list[str]:
-  """Writes OUT/config.json, OUT/model-0000i-of-0000n.safetensors and the index; returns the shard paths."""
+  """Writes OUT/config.json, OUT/model-0000i-of-0000n.safetensors and the index; returns the shard paths.
+
+  SRC may be on gs://; OUT is local (safetensors writes files by name).
+  """
   from safetensors.numpy import save_file
   from models import mistral
+  from train import paths
+  if paths.is_url(out):
+    raise ValueError(f'--out={out}: export writes a local directory (safetensors writes local files); copy it to '
+                     'the bucket afterwards, e.g. with gcloud storage cp -r.')
   kwargs, params = load_params(src, step)
   if 'layers' in params:  # Per-layer views of the stacked arrays, no copy.
     params = mistral.unstack_layers(params)
@@ -196,9 +202,9 @@ def export_model(src: str, out: str, *, step: int | None = None, dtype: str | No
   config['torch_dtype'] = dtype or str(np.asarray(tensors[0][1]).dtype)
   with open(os.path.join(out, 'config.json'), 'w') as f:
     json.dump(config, f, indent=2)
-  tokenizer = os.path.join(src, 'tokenizer.model')
-  if os.path.exists(tokenizer):
-    shutil.copy(tokenizer, os.path.join(out, 'tokenizer.model'))
+  tokenizer = epath.Path(src, 'tokenizer.model')
+  if tokenizer.exists():
+    tokenizer.copy(epath.Path(out, 'tokenizer.model'), overwrite=True)
   return files
 
 

@@ -11,9 +11,10 @@ ACTION is one of:
   setup   ships the code (a `git archive HEAD` tarball, or `git clone --repo` at `--ref`) to every host and
           installs it with `pip install -e '.[tpu]'` in a Python 3.11 virtualenv.
   run     starts `python -m train --config=... --workdir=... [overrides]` on every host inside a tmux session
-          named train-NAME, under a loop that reruns it (resuming from the last checkpoint) until it exits 0;
-          exit 2 (bad input) and 3 (non-finite loss) are not retried. --command='python -m train.sweep ...'
-          runs another command the same way instead of --config/--workdir.
+          named train-NAME, under a loop that reruns it (resuming from the last checkpoint) until it exits 0,
+          i.e. has reached total_steps: a preempted run exits 75 (train.PREEMPTED_EXIT) and is rerun, as is a
+          crash; exit 2 (bad input) and 3 (non-finite loss) are not retried. --command='python -m train.sweep
+          ...' runs another command the same way instead of --config/--workdir.
   logs    follows the log of worker 0 (--worker=N for another host).
   stop    ends the tmux session on every host.
   delete  the TPU VM (or the queued resource and its TPU).
@@ -33,6 +34,8 @@ import tempfile
 
 from absl import flags
 from ml_collections import config_flags
+
+from train import PREEMPTED_EXIT
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CODE_DIR = 'convnets-at-scale'  # On each host, under $HOME.
@@ -144,7 +147,9 @@ def _plural(n: int, word: str) -> str:
 def restart_loop(delay_s: int = RESTART_DELAY_S) -> str:
   """The bash -c script run on each host: $1 the log (under $HOME), $2 the most attempts, the rest the command.
 
-  The command arrives as "$@", so it is never re-parsed by a shell: every token reaches it exactly.
+  The command arrives as "$@", so it is never re-parsed by a shell: every token reaches it exactly. It is rerun
+  until it exits 0 (done), 2 (bad input) or 3 (non-finite loss), at most $2 times in all; PREEMPTED_EXIT (a
+  preemption notice, checkpoint saved) is rerun like any other failure.
   """
   return (
       'log="$HOME/$1" tries=$2; shift 2; say() { echo "[launch] $*" | tee -a "$log"; }; '
@@ -154,7 +159,8 @@ def restart_loop(delay_s: int = RESTART_DELAY_S) -> str:
       '"$@" 2>&1 | tee -a "$log"; code=${PIPESTATUS[0]}; '
       'case $code in 0) say "exit 0: done"; exit 0;; '
       # A bad config fails again at once, and a resumed non-finite loss repeats exactly: neither is retried.
-      '2|3) say "exit $code: not retried; fix the cause and run again"; exit $code;; esac; '
+      '2|3) say "exit $code: not retried; fix the cause and run again"; exit $code;; '
+      f'{PREEMPTED_EXIT}) say "exit $code: preempted, checkpoint saved";; esac; '
       'if ((n >= tries)); then say "exit $code: giving up after $n attempts"; exit $code; fi; '
       f'say "exit $code: rerunning in {delay_s} s (resumes from the last checkpoint)"; sleep {delay_s}; done')
 

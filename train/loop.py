@@ -5,12 +5,12 @@ built with `config.model`), `config.task.name` a task in train/tasks.py, `config
 """
 import importlib
 import json
-import os
 import pkgutil
 import signal
 import threading
 from typing import Any
 
+from etils import epath
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -95,12 +95,11 @@ def _initial_params(config, fns):
   Used when the run starts fresh; a resumed run restores its own checkpoint instead.
   """
   path = config.init_params
-  source_config = os.path.join(path, 'config.json')
-  if not os.path.exists(source_config):
+  source_config = epath.Path(path, 'config.json')
+  if not source_config.exists():
     raise FileNotFoundError(f'init_params={path!r} has no config.json: point it at a directory written by '
                             '`python -m train.convert import` or a training workdir.')
-  with open(source_config) as f:
-    source = json.load(f)
+  source = json.loads(source_config.read_text())
   ours = config.model.to_dict() if isinstance(config.model, ml_collections.ConfigDict) else dict(config.model)
   # Compute options (dtype, remat, attention_impl, ...) may differ; anything shaping a parameter may not.
   shaping = set(source.get('model', {})) & set(ours) - {'dtype', 'remat', 'attention_impl', 'block_size',
@@ -154,9 +153,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict
 
   writer = metrics_lib.MetricWriter(workdir, enabled=process_index == 0)
   if process_index == 0:  # What ran, for the record and for tools that reload the run (train.sample).
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(config.to_json_best_effort(indent=2))
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+    epath.Path(workdir, 'config.json').write_text(config.to_json_best_effort(indent=2))
   checkpointer = checkpoint_lib.Checkpointer(workdir, max_to_keep=config.get('checkpoints_to_keep', 3))
 
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
@@ -192,6 +190,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict
     pending: list[tuple[int, Any]] = []  # Step metrics not yet checked on the host (no per-step sync).
     last_saved = latest
     eval_metrics: dict[str, float] = {}
+    if step == 0 and config.get('eval_at_start'):  # The untrained (or imported) model's held-out numbers.
+      eval_metrics = evaluate(state['ema_params'] if fns.uses_ema else state['params'])
+      writer.write(0, eval_metrics)
+      if process_index == 0:
+        print('step 0 | ' + ' | '.join(f'{k} {v:.6g}' for k, v in eval_metrics.items()), flush=True)
 
     def check_finite():
       for s, m in jax.device_get(pending):

@@ -5,22 +5,35 @@ import sys
 import time
 from typing import Any
 
+from etils import epath
 import numpy as np
+
+from train import paths
 
 
 class MetricWriter:
-  """Appends one JSON line per logged step; on resume drops lines past the restored step."""
+  """Appends one JSON line per logged step; on resume drops lines past the restored step.
+
+  A gs:// file is rewritten whole at every write instead (objects cannot be appended to, and gcsfs would
+  silently overwrite): the writer keeps its text, and every version of the object is complete.
+  """
 
   def __init__(self, workdir: str, enabled: bool = True):
     self.path = os.path.join(workdir, 'metrics.jsonl')
     self.enabled = enabled
+    self._text = None  # A gs:// file's contents, once read.
 
   def truncate_after(self, step: int) -> None:
     """Keeps the history up to `step` so a resumed run rewrites the rest exactly once."""
-    if not self.enabled or not os.path.exists(self.path):
+    file = epath.Path(self.path)
+    if not self.enabled or not file.exists():
       return
-    with open(self.path) as f:
+    with file.open() as f:
       kept = [line for line in f if line.strip() and json.loads(line)['step'] <= step]
+    if paths.is_url(self.path):  # One upload replaces the object whole.
+      self._text = ''.join(kept)
+      file.write_text(self._text)
+      return
     tmp = self.path + '.tmp'
     with open(tmp, 'w') as f:
       f.writelines(kept)
@@ -31,8 +44,16 @@ class MetricWriter:
       return
     record = {'step': int(step)}
     record.update({k: _plain(v) for k, v in metrics.items()})
+    line = json.dumps(record) + '\n'
+    if paths.is_url(self.path):
+      file = epath.Path(self.path)
+      if self._text is None:
+        self._text = file.read_text() if file.exists() else ''
+      self._text += line
+      file.write_text(self._text)
+      return
     with open(self.path, 'a') as f:
-      f.write(json.dumps(record) + '\n')
+      f.write(line)
 
 
 def _plain(v):
@@ -41,7 +62,7 @@ def _plain(v):
 
 
 def read_metrics(workdir: str) -> list[dict[str, Any]]:
-  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+  with epath.Path(workdir, 'metrics.jsonl').open() as f:
     return [json.loads(line) for line in f if line.strip()]
 
 

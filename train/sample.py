@@ -11,6 +11,7 @@ import os
 import sys
 
 from absl import app, flags, logging
+from etils import epath
 import jax
 import ml_collections
 import numpy as np
@@ -33,17 +34,16 @@ def load(workdir: str, step: int | None = None):
   """
   import flax.linen as nn
   import jax.numpy as jnp
-  from train import checkpoint, loop
+  from train import checkpoint, loop, paths
   path = os.path.join(workdir, 'config.json')
-  if not os.path.exists(path):
+  if not epath.Path(path).exists():
     raise FileNotFoundError(f'{path} not found: point --workdir at a directory written by `python -m train` '
                             'or `python -m train.convert import`.')
-  with open(path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
+  config = ml_collections.ConfigDict(json.loads(epath.Path(path).read_text()))
   model = loop.build_model(config)
-  imported = os.path.isdir(os.path.join(workdir, 'params'))
+  imported = epath.Path(workdir, 'params').is_dir()
   if not imported:
-    with ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), 'checkpoints')) as manager:
+    with ocp.CheckpointManager(os.path.join(paths.absolute(workdir), 'checkpoints')) as manager:
       step = manager.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f'no checkpoint under {workdir}/checkpoints: train first.')

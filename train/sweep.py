@@ -11,11 +11,13 @@ and `run_name(ARG) -> str`, each run's directory under --workdir. Every run's co
 --dry_run prints every run's steps, analytic FLOPs and estimated core-hours (budget.hardware at budget.mfu)
 and the total, without data or an accelerator. Otherwise finished runs are skipped, an interrupted one
 resumes from its checkpoint, and after the last run the analysis (train.analyze) writes
-WORKDIR/study.md and WORKDIR/study.png. Rerunning the same command continues where it stopped. On a pod,
-launch this command through `python -m train.launch up ... --command='python -m train.sweep ...'`: every host
-runs the same sweep in lockstep.
+WORKDIR/study.md and WORKDIR/study.png. Rerunning the same command continues where it stopped; a preempted
+run stops the sweep with exit status 75 (train.PREEMPTED_EXIT), as `python -m train` does. On a pod, launch
+this command through `python -m train.launch up ... --command='python -m train.sweep ...'`: every host runs
+the same sweep in lockstep, and the launcher's restart loop reruns it after a preemption.
 """
 import dataclasses
+import functools
 import importlib.util
 import json
 import os
@@ -23,10 +25,12 @@ import sys
 import time
 
 from absl import app, flags, logging
+from etils import epath
 import jax
 import jax.numpy as jnp
+import ml_collections
 
-from train import compute, launch
+from train import PREEMPTED_EXIT, compute, launch
 
 _CONFIG = flags.DEFINE_string('config', None, 'Sweep config file, optionally FILE.py:ARG (passed to get_sweep).')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Parent directory of the runs\' workdirs.')
@@ -67,11 +71,17 @@ def _module(path: str):
   return module
 
 
-def _param_count(config, input_shape) -> int:
+@functools.cache
+def _param_count_cached(model_name: str, model_json: str, input_shape: tuple[int, ...]) -> int:
   from train import loop
-  model = loop.build_model(config)
+  model = loop.build_model(ml_collections.ConfigDict({'model_name': model_name, 'model': json.loads(model_json)}))
   shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, *input_shape))))
   return sum(x.size for x in jax.tree.leaves(shapes['params']))
+
+
+def _param_count(config, input_shape) -> int:
+  """Parameters of the run's model (traced abstractly once per distinct model of the sweep)."""
+  return _param_count_cached(config.model_name, json.dumps(config.model.to_dict(), sort_keys=True), input_shape)
 
 
 def plan(config_spec: str, overrides=()) -> list[Run]:
@@ -103,9 +113,8 @@ def plan(config_spec: str, overrides=()) -> list[Run]:
 def finished(workdir: str) -> bool:
   """Has this run evaluated at its last step (so the analysis can use it)?"""
   try:
-    with open(os.path.join(workdir, 'config.json')) as f:
-      total = json.load(f)['total_steps']
-    with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    total = json.loads(epath.Path(workdir, 'config.json').read_text())['total_steps']
+    with epath.Path(workdir, 'metrics.jsonl').open() as f:
       last = [json.loads(line) for line in f if line.strip()][-1]
   except (OSError, IndexError, KeyError, json.JSONDecodeError):
     return False
@@ -126,9 +135,9 @@ def table(runs: list[Run]) -> str:
   return '\n'.join(lines)
 
 
-def run_all(runs: list[Run], workdir: str, analyze: bool = True) -> str | None:
-  """Trains the unfinished runs in order, then writes the analysis; returns the report (or None)."""
-  from train import analyze as analyze_lib, loop
+def train_all(runs: list[Run], workdir: str) -> bool:
+  """Trains the unfinished runs in order; False when one was preempted (rerun the sweep to continue)."""
+  from train import loop
   # The runs of one model differ only in their length, which the compiled steps do not depend on (the
   # learning rate is an input): XLA's persistent cache compiles each model once for the whole ladder.
   jax.config.update('jax_compilation_cache_dir', os.path.join(workdir, 'compilation_cache'))
@@ -145,12 +154,18 @@ def run_all(runs: list[Run], workdir: str, analyze: bool = True) -> str | None:
       result = loop.train(run.config, run_dir)
       if result['preempted']:
         print('sweep stopped (preempted); rerun the same command to continue.', flush=True)
-        return None
+        return False
     done_flops += run.train_flops
     elapsed = time.time() - start
     print(f'sweep: {i + 1}/{len(runs)} runs, {100 * done_flops / total_flops:.0f}% of the FLOPs, '
           f'{elapsed:.0f} s elapsed', flush=True)
-  if not analyze or jax.process_index() != 0:
+  return True
+
+
+def report(runs: list[Run], workdir: str) -> str | None:
+  """Writes WORKDIR/study.md and WORKDIR/study.png and returns the report (on process 0; None elsewhere)."""
+  from train import analyze as analyze_lib
+  if jax.process_index() != 0:
     return None
   return analyze_lib.write_report([os.path.join(workdir, r.name) for r in runs], workdir)
 
@@ -176,12 +191,14 @@ def main(argv):
       return
     import tensorflow_datasets as tfds
     tfds.disable_progress_bar()
-    report = run_all(runs, _WORKDIR.value, _ANALYZE.value)
+    if not train_all(runs, _WORKDIR.value):
+      sys.exit(PREEMPTED_EXIT)
+    text = report(runs, _WORKDIR.value) if _ANALYZE.value else None
   except (ValueError, FileNotFoundError, analyze_lib.StudyError) as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
-  if report:
-    print(report, end='')
+  if text:
+    print(text, end='')
     print(f'wrote {_WORKDIR.value}/study.md and {_WORKDIR.value}/study.png', flush=True)
 
 

@@ -12,6 +12,7 @@ import transformers
 from configs import mistral_tiny
 from data import tokenizers
 from train import convert, loop, sample
+from train import metrics as metrics_lib
 
 REPO = __file__.rsplit('/tests/', 1)[0]
 HF_CFG = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
@@ -98,7 +99,10 @@ def test_finetune_from_import_then_export_round_trips(hf_dir, tmp_path):
   with pytest.raises(ValueError, match=r"num_layers.*\(2, 3\)"):
     loop.train(c, str(tmp_path / 'bad'))
   c.model.num_layers = 2
+  c.eval_at_start = True
   out = loop.train(c, str(tmp_path / 'workdir'))
+  first, last = metrics_lib.read_metrics(str(tmp_path / 'workdir'))
+  assert first['step'] == 0 and first['eval/loss'] == last['eval/loss']  # lr 0: the imported model throughout
   *_, imported_params, _ = sample.load(str(imported))
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(out['state']['params']), imported_params)
 

@@ -161,9 +161,11 @@ def test_override_round_trips_through_both_shells(capsys, tmp_path):
 
 
 @pytest.mark.parametrize('exits, attempts, code', [([0], 1, 0), ([1, 137, 0], 3, 0), ([2], 1, 2), ([3], 1, 3),
-                                                   ([1, 1, 1, 1], 3, 1)])
+                                                   ([1, 1, 1, 1], 3, 1), ([75, 0], 2, 0), ([75, 1, 0], 3, 0),
+                                                   ([75, 75, 75, 0], 3, 75)])
 def test_restart_loop(tmp_path, exits, attempts, code):
-  """Reruns on failure until exit 0; a bad config (2) or a non-finite loss (3) is not retried; at most N tries."""
+  """Reruns until exit 0: after a preemption (75) or a crash; a bad config (2) or a non-finite loss (3) is not
+  retried; at most N tries in all."""
   (tmp_path / launch.CODE_DIR).mkdir()
   (tmp_path / launch.VENV_DIR / 'bin').mkdir(parents=True)
   (tmp_path / launch.VENV_DIR / 'bin' / 'activate').write_text('')
@@ -173,7 +175,9 @@ def test_restart_loop(tmp_path, exits, attempts, code):
                           env=dict(os.environ, HOME=str(tmp_path)), capture_output=True, text=True, timeout=30)
   assert result.returncode == code
   assert (tmp_path / 'runs').read_text().count('run') == attempts
-  assert (tmp_path / 'job.log').read_text().count('[launch] attempt') == attempts
+  log = (tmp_path / 'job.log').read_text()
+  assert log.count('[launch] attempt') == attempts
+  assert log.count('[launch] exit 75: preempted, checkpoint saved') == exits[:attempts].count(launch.PREEMPTED_EXIT)
 
 
 def test_spot_and_queued_create(capsys):

@@ -1,5 +1,6 @@
 """Two processes x 2 CPU devices on loopback train exactly like one process x 4 devices, and resume after kill -9."""
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -151,6 +152,17 @@ def test_two_processes_resume_after_kill_like_uninterrupted(runs, uninterrupted,
   assert 'resumed from' in _log(killed, 0)
   assert _metrics(killed) == _metrics(two)
   jax.tree.map(np.testing.assert_array_equal, _params(killed), _params(two))
+
+
+def test_resume_with_another_process_count_stops_with_one_line(runs, uninterrupted, tmp_path):
+  one, _ = uninterrupted
+  moved = str(tmp_path / 'moved')
+  shutil.copytree(one, moved)  # Written by 1 process; resumed by 2, each looking for its own data position.
+  expected = 'was written by 1 process (a data position each) and resumes only with as many, not 2: rerun with 1'
+  for p, proc in enumerate(runs.start(moved, 2)):
+    assert proc.wait(timeout=TIMEOUT_S) == 2, _log(moved, p)[-3000:]
+    errors = [l for l in _log(moved, p).splitlines() if l.startswith('error:')]
+    assert len(errors) == 1 and expected in errors[0], _log(moved, p)[-3000:]
 
 
 @pytest.mark.parametrize('kwargs, env, message', [
