@@ -1,9 +1,18 @@
 """Shared test setup: 8 CPU devices for sharding tests, float32 matmuls, and the digits data built once."""
+import atexit
 import os
+import shutil
+import tempfile
 
 # Must happen before jax initialises its backends.
 os.environ.setdefault('JAX_NUM_CPU_DEVICES', '8')
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+# One compilation cache for the session and the commands it starts: many tests compile the same steps
+# (a run and its resumed twin, a command and its rerun). A fresh directory, removed at exit.
+if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(prefix='jax_cache_')
+  atexit.register(shutil.rmtree, os.environ['JAX_COMPILATION_CACHE_DIR'], ignore_errors=True)
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.5')
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402

@@ -23,16 +23,23 @@ from train import compute as compute_lib
 from train import paths as paths_lib
 from train import scaling
 
-_WORKDIRS = flags.DEFINE_multi_string('workdirs', None, 'Run workdirs or glob patterns (repeatable).')
-_OUT = flags.DEFINE_string('out', None, 'Directory for study.md and study.png.')
-_COMPUTE = flags.DEFINE_enum('compute', 'flops', ['flops', 'core_hours', 'budget_core_hours'],
-                             'What a run\'s compute is.')
-_IRREDUCIBLE = flags.DEFINE_bool('irreducible', False, 'Fit loss = E + a * C^b (E >= 0).')
-_CONFIDENCE = flags.DEFINE_float('confidence', 0.95, 'Confidence level of the intervals.')
-_LEVELS = flags.DEFINE_integer('levels', 8, 'Log-spaced compute levels for the compute-optimal allocation '
-                               '(used when the runs share no compute budgets).')
-_PEAK_FLOPS = flags.DEFINE_list('peak_flops', [], 'hardware=FLOP/s per device (core), adds to or overrides the '
-                                'built-in table, e.g. tpu_v4=137.5e12; a run\'s budget.peak_flops wins over both.')
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """The command line flags (defined only when run as a command, so that importing this module
+  next to other commands' modules defines nothing twice)."""
+  flags.DEFINE_multi_string('workdirs', None, 'Run workdirs or glob patterns (repeatable).')
+  flags.DEFINE_string('out', None, 'Directory for study.md and study.png.')
+  flags.DEFINE_enum('compute', 'flops', ['flops', 'core_hours', 'budget_core_hours'],
+                    'What a run\'s compute is.')
+  flags.DEFINE_bool('irreducible', False, 'Fit loss = E + a * C^b (E >= 0).')
+  flags.DEFINE_float('confidence', 0.95, 'Confidence level of the intervals.')
+  flags.DEFINE_integer('levels', 8, 'Log-spaced compute levels for the compute-optimal allocation '
+                       '(used when the runs share no compute budgets).')
+  flags.DEFINE_list('peak_flops', [], 'hardware=FLOP/s per device (core), adds to or overrides the '
+                    'built-in table, e.g. tpu_v4=137.5e12; a run\'s budget.peak_flops wins over both.')
+
 
 # Peak per core that a core-hour counts (train.compute's table; 'cpu' has no fixed peak).
 PEAK_FLOPS = {name: peak for name, peak in compute_lib.PEAK_FLOPS.items() if peak}
@@ -187,16 +194,17 @@ def write_report(patterns, out: str, compute: str = 'flops', irreducible: bool =
 def main(argv):
   if len(argv) > 1:
     _fail(f'unexpected arguments {argv[1:]}; pass workdirs with --workdirs=')
-  if not _OUT.value:
+  if not FLAGS.out:
     _fail('--out is required: the directory for study.md and study.png')
   try:
-    report = write_report(_WORKDIRS.value, _OUT.value, _COMPUTE.value, _IRREDUCIBLE.value, _CONFIDENCE.value,
-                          _LEVELS.value, parse_peak_flops(_PEAK_FLOPS.value))
+    report = write_report(FLAGS.workdirs, FLAGS.out, FLAGS.compute, FLAGS.irreducible, FLAGS.confidence,
+                          FLAGS.levels, parse_peak_flops(FLAGS.peak_flops))
   except StudyError as e:
     _fail(str(e))
   print(report, end='')
-  print(f'wrote {_OUT.value}/study.md and {_OUT.value}/study.png', file=sys.stderr)
+  print(f'wrote {FLAGS.out}/study.md and {FLAGS.out}/study.png', file=sys.stderr)
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main)

@@ -157,9 +157,6 @@ def _budget(config) -> dict[str, Any]:
     for field, what in needs.items():
       if field not in budget:
         raise ValueError(f'budget.core_hours needs budget.{field}, {what}.')
-    if budget['hardware'] == 'cpu':
-      raise ValueError("budget.hardware='cpu' has no fixed peak (it is measured at start), so a core_hours budget "
-                       'would change total_steps at every restart; use budget.epochs, or a TPU/GPU hardware name.')
   if 'hardware' in budget:
     _check_hardware(budget['hardware'])
   if 'mfu' in budget and not 0 < budget['mfu'] <= 1:

@@ -31,14 +31,21 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-_SRC = flags.DEFINE_string('src', None, 'import: HF or original model directory; export: imported dir or workdir.')
-_OUT = flags.DEFINE_string('out', None, 'Output directory.')
-_FORMAT = flags.DEFINE_enum('format', 'hf', ['hf', 'original'], 'import: layout of --src.')
-_SCAN = flags.DEFINE_bool('scan', False, 'import: stack layers for Model(scan=True), as the pod configs use.')
-_DTYPE = flags.DEFINE_enum('dtype', None, ['float32', 'bfloat16'], 'Stored dtype (default: keep).')
-_ROPE_THETA = flags.DEFINE_float('rope_theta', None, 'import --format=original: when params.json has none.')
-_STEP = flags.DEFINE_integer('checkpoint_step', None, 'export from a workdir: its checkpoint step (default latest).')
-_SHARD_BYTES = flags.DEFINE_integer('max_shard_bytes', 5 * 2**30, 'export: bytes per safetensors shard.')
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """The command line flags (defined only when run as a command, so that importing this module
+  next to other commands' modules defines nothing twice)."""
+  flags.DEFINE_string('src', None, 'import: HF or original model directory; export: imported dir or workdir.')
+  flags.DEFINE_string('out', None, 'Output directory.')
+  flags.DEFINE_enum('format', 'hf', ['hf', 'original'], 'import: layout of --src.')
+  flags.DEFINE_bool('scan', False, 'import: stack layers for Model(scan=True), as the pod configs use.')
+  flags.DEFINE_enum('dtype', None, ['float32', 'bfloat16'], 'Stored dtype (default: keep).')
+  flags.DEFINE_float('rope_theta', None, 'import --format=original: when params.json has none.')
+  flags.DEFINE_integer('checkpoint_step', None, 'export from a workdir: its checkpoint step (default latest).')
+  flags.DEFINE_integer('max_shard_bytes', 5 * 2**30, 'export: bytes per safetensors shard.')
+
 
 MODEL_NAME = 'mistral'
 
@@ -214,22 +221,23 @@ def main(argv):
     sys.exit(2)
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)
-  if not _SRC.value or not _OUT.value:
+  if not FLAGS.src or not FLAGS.out:
     print('error: --src and --out are both required.', file=sys.stderr)
     sys.exit(2)
   try:
     if argv[1] == 'import':
-      kwargs = import_model(_SRC.value, _OUT.value, fmt=_FORMAT.value, scan=_SCAN.value, dtype=_DTYPE.value,
-                            rope_theta=_ROPE_THETA.value)
-      print(f'imported {_SRC.value} -> {_OUT.value}: {kwargs}')
+      kwargs = import_model(FLAGS.src, FLAGS.out, fmt=FLAGS.format, scan=FLAGS.scan, dtype=FLAGS.dtype,
+                            rope_theta=FLAGS.rope_theta)
+      print(f'imported {FLAGS.src} -> {FLAGS.out}: {kwargs}')
     else:
-      files = export_model(_SRC.value, _OUT.value, step=_STEP.value, dtype=_DTYPE.value,
-                           max_shard_bytes=_SHARD_BYTES.value)
-      print(f'exported {_SRC.value} -> {_OUT.value}: {len(files)} safetensors shard(s)')
+      files = export_model(FLAGS.src, FLAGS.out, step=FLAGS.checkpoint_step, dtype=FLAGS.dtype,
+                           max_shard_bytes=FLAGS.max_shard_bytes)
+      print(f'exported {FLAGS.src} -> {FLAGS.out}: {len(files)} safetensors shard(s)')
   except (FileNotFoundError, ValueError, KeyError) as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main)

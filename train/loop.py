@@ -112,6 +112,19 @@ def _initial_params(config, fns):
   return checkpoint_lib.restore_params(path, target)
 
 
+def _budgeted_steps_so_far(config, workdir: str) -> int | None:
+  """The total_steps a budget gave this workdir's run when it started, if it has checkpoints since.
+
+  A resumed run keeps its length: a core-hours budget on 'cpu' depends on a peak measured at each start.
+  """
+  recorded = epath.Path(workdir, 'config.json')
+  if not (recorded.exists() and epath.Path(workdir, 'checkpoints').exists()):
+    return None
+  previous = json.loads(recorded.read_text())
+  ours = config.budget.to_dict() if hasattr(config.budget, 'to_dict') else dict(config.budget)
+  return previous.get('total_steps') if previous.get('budget') == ours else None
+
+
 class NonFiniteLossError(FloatingPointError):
   pass
 
@@ -144,7 +157,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict
   hardware = compute.run_hardware(config, devices)
   if config.get('budget'):  # Before the steps are built, so the schedule follows the budget.
     num_examples = pipeline.num_train_examples(config.data)
-    config.total_steps = compute.resolve_budget(config, num_train_examples=num_examples, input_shape=input_shape)
+    config.total_steps = (_budgeted_steps_so_far(config, workdir) or
+                          compute.resolve_budget(config, num_train_examples=num_examples, input_shape=input_shape))
     if process_index == 0:
       print(compute.budget_summary(config, config.total_steps, num_train_examples=num_examples,
                                    flops_per_example=flops_per_example, hardware=hardware), flush=True)

@@ -17,14 +17,20 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-_WORKDIR = flags.DEFINE_string('workdir', None, 'A training workdir (config.json and checkpoints/).')
-_PROMPT = flags.DEFINE_string('prompt', '', 'Text to continue.')
-_MAX_NEW = flags.DEFINE_integer('max_new_tokens', 128, 'Tokens to generate.')
-_TEMPERATURE = flags.DEFINE_float('temperature', 0.0, '0 for greedy decoding.')
-_TOP_K = flags.DEFINE_integer('top_k', None, 'Sample among the k most likely tokens.')
-_TOP_P = flags.DEFINE_float('top_p', None, 'Sample from the smallest nucleus of this probability.')
-_SEED = flags.DEFINE_integer('seed', 0, 'Sampling seed.')
-_STEP = flags.DEFINE_integer('step', None, 'Checkpoint step (default: the latest).')
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """The command line flags (defined only when run as a command, so that importing this module
+  next to other commands' modules defines nothing twice)."""
+  flags.DEFINE_string('workdir', None, 'A training workdir (config.json and checkpoints/).')
+  flags.DEFINE_string('prompt', '', 'Text to continue.')
+  flags.DEFINE_integer('max_new_tokens', 128, 'Tokens to generate.')
+  flags.DEFINE_float('temperature', 0.0, '0 for greedy decoding.')
+  flags.DEFINE_integer('top_k', None, 'Sample among the k most likely tokens.')
+  flags.DEFINE_float('top_p', None, 'Sample from the smallest nucleus of this probability.')
+  flags.DEFINE_integer('seed', 0, 'Sampling seed.')
+  flags.DEFINE_integer('step', None, 'Checkpoint step (default: the latest).')
 
 
 def load(workdir: str, step: int | None = None):
@@ -63,25 +69,26 @@ def main(argv):
   from data import tokenizers
   from models import mistral
   try:
-    config, model, params, step = load(_WORKDIR.value, _STEP.value)
+    config, model, params, step = load(FLAGS.workdir, FLAGS.step)
     if not (config.get('data') or {}).get('tokenizer'):
-      raise ValueError(f'{_WORKDIR.value} names no tokenizer (config.json data.tokenizer); an imported model '
+      raise ValueError(f'{FLAGS.workdir} names no tokenizer (config.json data.tokenizer); an imported model '
                        'needs tokenizer.model in the source directory.')
     tokenizer = tokenizers.get_tokenizer(config.data.tokenizer)
   except (FileNotFoundError, ValueError) as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
-  prompt = [tokenizer.bos_id] + tokenizer.encode(_PROMPT.value)
-  tokens = mistral.generate(model, params, np.asarray([prompt], np.int32), _MAX_NEW.value,
-                            temperature=_TEMPERATURE.value, rng=jax.random.key(_SEED.value),
-                            top_k=_TOP_K.value, top_p=_TOP_P.value)
+  prompt = [tokenizer.bos_id] + tokenizer.encode(FLAGS.prompt)
+  tokens = mistral.generate(model, params, np.asarray([prompt], np.int32), FLAGS.max_new_tokens,
+                            temperature=FLAGS.temperature, rng=jax.random.key(FLAGS.seed),
+                            top_k=FLAGS.top_k, top_p=FLAGS.top_p)
   new = [int(t) for t in np.asarray(tokens)[0, len(prompt):]]
   if tokenizer.eos_id in new:
     new = new[:new.index(tokenizer.eos_id)]
-  print(f'[{_WORKDIR.value}' + (f' at step {step}]' if step is not None else ' (imported)]'), file=sys.stderr)
-  print(_PROMPT.value + tokenizer.decode(new))
+  print(f'[{FLAGS.workdir}' + (f' at step {step}]' if step is not None else ' (imported)]'), file=sys.stderr)
+  print(FLAGS.prompt + tokenizer.decode(new))
 
 
 if __name__ == '__main__':
+  define_flags()
   flags.mark_flag_as_required('workdir')
   app.run(main)

@@ -32,12 +32,18 @@ import ml_collections
 
 from train import PREEMPTED_EXIT, compute, launch
 
-_CONFIG = flags.DEFINE_string('config', None, 'Sweep config file, optionally FILE.py:ARG (passed to get_sweep).')
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Parent directory of the runs\' workdirs.')
-_DRY_RUN = flags.DEFINE_bool('dry_run', False, 'Print the runs and their estimated cost; train nothing.')
-_ONLY = flags.DEFINE_string('only', None, 'Run only the runs whose name contains this string.')
-_ANALYZE = flags.DEFINE_bool('analyze', True, 'Analyse the finished runs at the end.')
-_SET = flags.DEFINE_multi_string('set', [], 'key=value config overrides for every run, e.g. --set=data.data_dir=DIR.')
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """The command line flags (defined only when run as a command, so that importing this module
+  next to other commands' modules defines nothing twice)."""
+  flags.DEFINE_string('config', None, 'Sweep config file, optionally FILE.py:ARG (passed to get_sweep).')
+  flags.DEFINE_string('workdir', None, 'Parent directory of the runs\' workdirs.')
+  flags.DEFINE_bool('dry_run', False, 'Print the runs and their estimated cost; train nothing.')
+  flags.DEFINE_string('only', None, 'Run only the runs whose name contains this string.')
+  flags.DEFINE_bool('analyze', True, 'Analyse the finished runs at the end.')
+  flags.DEFINE_multi_string('set', [], 'key=value config overrides for every run, e.g. --set=data.data_dir=DIR.')
 
 
 @dataclasses.dataclass
@@ -138,10 +144,6 @@ def table(runs: list[Run]) -> str:
 def train_all(runs: list[Run], workdir: str) -> bool:
   """Trains the unfinished runs in order; False when one was preempted (rerun the sweep to continue)."""
   from train import loop
-  # The runs of one model differ only in their length, which the compiled steps do not depend on (the
-  # learning rate is an input): XLA's persistent cache compiles each model once for the whole ladder.
-  jax.config.update('jax_compilation_cache_dir', os.path.join(workdir, 'compilation_cache'))
-  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.2)
   done_flops, total_flops = 0.0, sum(r.train_flops for r in runs)
   start = time.time()
   for i, run in enumerate(runs):
@@ -176,31 +178,38 @@ def main(argv):
     sys.exit(2)
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)
-  from train import analyze as analyze_lib
+  from train import analyze as analyze_lib, distributed
   try:
-    if not _CONFIG.value or not (_WORKDIR.value or _DRY_RUN.value):
+    distributed.initialize()  # Every host of a pod runs the same sweep; settings from the environment.
+    if not FLAGS.config or not (FLAGS.workdir or FLAGS.dry_run):
       raise ValueError('--config and --workdir are required, e.g. --config=configs/convnets_at_scale_cpu.py '
                        '--workdir=workdirs/convnets_at_scale_cpu')
-    runs = plan(_CONFIG.value, _SET.value)
-    if _ONLY.value:
-      runs = [r for r in runs if _ONLY.value in r.name]
+    runs = plan(FLAGS.config, FLAGS.set)
+    if FLAGS.only:
+      runs = [r for r in runs if FLAGS.only in r.name]
       if not runs:
-        raise ValueError(f'--only={_ONLY.value!r} matches no run name.')
+        raise ValueError(f'--only={FLAGS.only!r} matches no run name.')
     print(table(runs), flush=True)
-    if _DRY_RUN.value:
+    if FLAGS.dry_run:
       return
     import tensorflow_datasets as tfds
     tfds.disable_progress_bar()
-    if not train_all(runs, _WORKDIR.value):
+    if not jax.config.jax_compilation_cache_dir:
+      # The runs of one model differ only in their length, which the compiled steps do not depend on (the
+      # learning rate is an input): XLA's persistent cache compiles each model once for the whole ladder.
+      jax.config.update('jax_compilation_cache_dir', os.path.join(FLAGS.workdir, 'compilation_cache'))
+      jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.2)
+    if not train_all(runs, FLAGS.workdir):
       sys.exit(PREEMPTED_EXIT)
-    text = report(runs, _WORKDIR.value) if _ANALYZE.value else None
+    text = report(runs, FLAGS.workdir) if FLAGS.analyze else None
   except (ValueError, FileNotFoundError, analyze_lib.StudyError) as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
   if text:
     print(text, end='')
-    print(f'wrote {_WORKDIR.value}/study.md and {_WORKDIR.value}/study.png', flush=True)
+    print(f'wrote {FLAGS.workdir}/study.md and {FLAGS.workdir}/study.png', flush=True)
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main)

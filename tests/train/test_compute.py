@@ -1,4 +1,5 @@
 """Compute accounting: analytic FLOPs against XLA's count, budgets in steps, and the loop's compute metrics."""
+import json
 import types
 
 import flax.linen as nn
@@ -173,13 +174,30 @@ def test_nfnet_f7_plus_eight_jft_epochs_cost_39k_tpu_v4_core_hours():
     (dict(core_hours=10, hardware='tpu_v4', mfu=1.5), r'budget.mfu=1.5 must be in \(0, 1\]'),
     (dict(epochs=1, mfu=35), r'budget.mfu=35 must be in \(0, 1\]'),
     (dict(epochs=-1), 'budget.epochs=-1 must be positive'),
-    (dict(core_hours=10, hardware='cpu', mfu=0.5), "budget.hardware='cpu' has no fixed peak"),
     (dict(epoch=2), r"budget has unknown fields \['epoch'\]"),
 ])
 def test_bad_budgets_fail_with_one_line(budget, message):
   with pytest.raises(ValueError, match=message) as error:
     compute.resolve_budget(_config(**budget), num_train_examples=1000, input_shape=(8, 8, 1))
   assert '\n' not in str(error.value)
+
+
+def test_cpu_core_hours_budget_uses_the_measured_peak_and_a_resume_keeps_its_length(tmp_path, monkeypatch):
+  config = _config(core_hours=1e-4, hardware='cpu', mfu=0.5)
+  monkeypatch.setattr(compute, '_cpu_peak_flops', lambda: 2e10)
+  per_example = compute.train_flops_per_example(config, (8, 8, 1))
+  steps = compute.resolve_budget(config, num_train_examples=None, input_shape=(8, 8, 1))
+  assert steps == int(1e-4 * 3600 * 2e10 * 0.5 // (per_example * config.batch_size))
+  # Started once (config.json with its resolved length, and checkpoints): the length is kept, whatever the
+  # peak measured at the next start; with another budget or before any checkpoint it is resolved afresh.
+  (tmp_path / 'checkpoints').mkdir()
+  (tmp_path / 'config.json').write_text(json.dumps({'budget': config.budget.to_dict(), 'total_steps': steps}))
+  assert loop._budgeted_steps_so_far(config, str(tmp_path)) == steps
+  config.budget.core_hours = 2e-4
+  assert loop._budgeted_steps_so_far(config, str(tmp_path)) is None
+  (tmp_path / 'checkpoints').rmdir()
+  config.budget.core_hours = 1e-4
+  assert loop._budgeted_steps_so_far(config, str(tmp_path)) is None
 
 
 def test_core_hours_utilisation_and_hardware():

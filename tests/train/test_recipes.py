@@ -9,7 +9,7 @@ from train import loop, optimizers
 from train import metrics as metrics_lib
 
 
-def test_nfnet_f0_recipe_takes_a_step_on_8_devices(digits_dir, tmp_path):
+def test_nfnet_f0_recipe_takes_a_sharded_step(digits_dir, tmp_path):
   c = nfnet_i1k.get_config('variant=F0')
   # The F0 architecture, optimizer (SGD + AGC + coupled decay), EMA, label smoothing and mixing of the
   # pod config, on 8x8 digits upsampled to 32x32 instead of ImageNet.
@@ -23,13 +23,14 @@ def test_nfnet_f0_recipe_takes_a_step_on_8_devices(digits_dir, tmp_path):
   # No evaluation: its compilation would double the cost, and the loop tests cover it.
   c.total_steps, c.log_every_steps, c.eval_every_steps, c.checkpoint_every_steps = 1, 1, 0, 1
   c.schedule.warmup_steps = 0
-  out = loop.train(c, str(tmp_path))
-  assert len(jax.devices()) == 8 and int(out['state']['step']) == 1
+  # 2 data-parallel devices: 8 would run eight one-image slices of F0 on this machine's 2 cores (20 s more).
+  out = loop.train(c, str(tmp_path), devices=jax.devices()[:2])
+  assert int(out['state']['step']) == 1
   (record,) = metrics_lib.read_metrics(str(tmp_path))
   assert np.isfinite(record['train/loss']) and np.isfinite(record['train/grad_norm'])
   assert set(out['state']) == {'step', 'params', 'opt_state', 'ema_params'}
   head = out['state']['params']['head']['kernel']
-  assert head.shape == (3072, 10) and len(head.sharding.device_set) == 8
+  assert head.shape == (3072, 10) and len(head.sharding.device_set) == 2
 
 
 def test_nfnet_recipe_masks_select_by_parameter_name():
@@ -63,8 +64,8 @@ def test_mistral_tiny_trains_on_8_devices_with_fsdp_and_tensor_parallelism(tmp_p
   c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 2, 2, 2
   out = loop.train(c, str(tmp_path / 'workdir'))
   records = metrics_lib.read_metrics(str(tmp_path / 'workdir'))
-  assert [r['step'] for r in records] == [1, 2, 3]
-  assert all(np.isfinite(r['train/loss']) for r in records) and records[-1]['eval/tokens'] > 0
+  assert [r['step'] for r in records] == [0, 1, 2, 3]  # eval_at_start: step 0 is the untrained model's eval
+  assert all(np.isfinite(r['train/loss']) for r in records[1:]) and records[-1]['eval/tokens'] > 0
   query = out['state']['params']['layer_0']['attn']['query']['kernel']  # (embed, heads, head_dim)
   assert tuple(query.sharding.spec)[:2] == ('fsdp', 'tensor')
   assert query.addressable_shards[0].data.shape == (16, 2, 8)

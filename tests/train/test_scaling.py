@@ -4,7 +4,6 @@ import os
 import subprocess
 import sys
 
-from absl import flags
 import numpy as np
 from PIL import Image
 import pytest
@@ -261,13 +260,8 @@ def test_errors(tmp_path):
     analyze.parse_peak_flops(['tpu-v4'])
 
 
-def test_cli_error_is_one_line_with_exit_status_2(tmp_path, capsys):
-  flags.FLAGS(['analyze', f'--workdirs={tmp_path}/none*', f'--out={tmp_path}'])
-  try:
-    with pytest.raises(SystemExit) as exit_info:
-      analyze.main(['analyze'])
-  finally:
-    flags.FLAGS.unparse_flags()
-  assert exit_info.value.code == 2
-  stderr = capsys.readouterr().err
-  assert stderr.startswith('error: no workdirs matched') and stderr.count('\n') == 1
+def test_cli_error_is_one_line_with_exit_status_2(tmp_path):
+  out = subprocess.run([sys.executable, '-m', 'train.analyze', f'--workdirs={tmp_path}/none*', f'--out={tmp_path}'],
+                       cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert out.returncode == 2
+  assert out.stderr.startswith('error: no workdirs matched') and out.stderr.count('\n') == 1

@@ -53,11 +53,12 @@ def test_bad_sweep_config_is_one_line(tmp_path):
                                              'get_sweep and run_name.']
 
 
-def test_cpu_study_miniature_end_to_end_and_resume(digits_dir, tmp_path):
+def test_cpu_study_miniature_end_to_end_and_resume(digits_dir, tmp_path, capsys):
   """Two models (one per family) x two budgets: runs, skips them when rerun, and writes the analysis."""
   workdir = tmp_path / 'study'
-  cmd = [sys.executable, '-m', 'train.sweep', '--config=configs/convnets_at_scale_cpu.py:models=nf-XS+vit-XS,'
-         'epochs=0.25+1', f'--workdir={workdir}', f'--set=data.data_dir={digits_dir}']
+  spec = os.path.join(REPO, 'configs/convnets_at_scale_cpu.py') + ':models=nf-XS+vit-XS,epochs=0.25+1'
+  cmd = [sys.executable, '-m', 'train.sweep', f'--config={spec}', f'--workdir={workdir}',
+         f'--set=data.data_dir={digits_dir}']
   env = dict(os.environ, JAX_NUM_CPU_DEVICES='1')
   out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
@@ -76,6 +77,8 @@ def test_cpu_study_miniature_end_to_end_and_resume(digits_dir, tmp_path):
   for name in ('nf-XS', 'vit-XS'):
     assert f'| {name.split("-")[0].replace("nf", "nfnet")} | {name} |' in report
   assert '**Answer:**' in report and (workdir / 'study.png').stat().st_size > 10_000
-  again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-  assert again.returncode == 0, again.stderr[-3000:]
-  assert again.stdout.count('finished earlier, skipped') == 4
+  # Rerun: every run is found finished and skipped, nothing is trained again.
+  runs = sweep.plan(spec, [f'data.data_dir={digits_dir}'])
+  assert all(sweep.finished(str(workdir / r.name)) for r in runs)
+  assert sweep.train_all(runs, str(workdir))
+  assert capsys.readouterr().out.count('finished earlier, skipped') == 4
