@@ -1,4 +1,5 @@
 """Orbax checkpoints of the train state, the data iterator and run bookkeeping, under WORKDIR/checkpoints."""
+import functools
 import os
 import re
 from typing import Any
@@ -11,15 +12,20 @@ import orbax.checkpoint as ocp
 from train import paths
 
 
+@functools.cache
+def _use_plain_array_writes_on_cpu() -> None:
+  if jax.default_backend() == 'cpu':
+    # Replica-parallel writes split each replicated array across devices with one small compiled
+    # slice per shape: a win across TPU hosts, pure compile time when all devices share one CPU.
+    ocp.type_handlers.register_type_handler(
+        jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True)
+
+
 class Checkpointer:
   """Async saves; restore of the latest step straight into the target shardings."""
 
   def __init__(self, workdir: str, max_to_keep: int | None = 3):
-    if jax.default_backend() == 'cpu':
-      # Replica-parallel writes split each replicated array across devices with one small compiled
-      # slice per shape: a win across TPU hosts, pure compile time when all devices share one CPU.
-      ocp.type_handlers.register_type_handler(
-          jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True)
+    _use_plain_array_writes_on_cpu()
     self.directory = os.path.join(paths.absolute(workdir), 'checkpoints')
     self.manager = ocp.CheckpointManager(
         self.directory,
