@@ -45,7 +45,9 @@ class SentencePieceTokenizer:
 
   def _load(self):
     import sentencepiece as spm  # pylint: disable=g-import-not-at-top
-    self._sp = spm.SentencePieceProcessor(model_file=self.path)
+    from etils import epath  # pylint: disable=g-import-not-at-top
+    # Read through epath so that a model on gs:// (an imported checkpoint's directory) loads too.
+    self._sp = spm.SentencePieceProcessor(model_proto=epath.Path(self.path).read_bytes())
     self.vocab_size = int(self._sp.get_piece_size())
     self.bos_id, self.eos_id = int(self._sp.bos_id()), int(self._sp.eos_id())
     self.unk_id = int(self._sp.unk_id())
@@ -74,8 +76,9 @@ def get_tokenizer(spec: str):
   if spec == 'bytes':
     return ByteTokenizer()
   if isinstance(spec, (str, os.PathLike)) and str(spec).endswith('.model'):
-    path = os.path.expanduser(str(spec))
-    if not os.path.isfile(path):
+    from etils import epath  # pylint: disable=g-import-not-at-top
+    path = str(spec) if '://' in str(spec) else os.path.expanduser(str(spec))
+    if not epath.Path(path).is_file():
       raise FileNotFoundError(f'SentencePiece model {path!r} does not exist.')
     return SentencePieceTokenizer(path)
   raise ValueError(f"Unknown tokenizer {spec!r}: use 'bytes' or a path to a SentencePiece "
