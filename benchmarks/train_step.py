@@ -93,8 +93,8 @@ def time_reference(spec: str, config, batch) -> float:
       net = timm.create_model(spec[5:], **kwargs)
   elif spec == 'hf_mistral':
     import transformers
-    from models import mistral
-    hf_config = mistral.hf_config_from_kwargs(config.model.to_dict())
+    from models import mistral_weights
+    hf_config = mistral_weights.hf_config_from_kwargs(config.model.to_dict())
     net = transformers.MistralForCausalLM(transformers.MistralConfig(**hf_config, attn_implementation='sdpa'))
   elif spec == 'hf_vit':
     import transformers

@@ -103,21 +103,21 @@ def import_model(src: str, out: str, *, fmt: str = 'hf', scan: bool = False, dty
                  rope_theta: float | None = None) -> dict:
   """Streams SRC's tensors (a local directory: they are memory-mapped) into OUT/params (local or gs://);
   returns the model kwargs written to OUT/config.json."""
-  from models import mistral
+  from models import mistral_weights
   from train import checkpoint, paths
   if fmt == 'hf':
     hf_config = _load_json(os.path.join(src, 'config.json'))
   else:
-    hf_config = mistral.hf_config_from_original(_load_json(os.path.join(src, 'params.json')), rope_theta)
-  kwargs = mistral.model_kwargs_from_hf(hf_config)
+    hf_config = mistral_weights.hf_config_from_original(_load_json(os.path.join(src, 'params.json')), rope_theta)
+  kwargs = mistral_weights.model_kwargs_from_hf(hf_config)
   kwargs['scan'] = scan
   shapes = abstract_params(kwargs)
   params, filled = None, set()
   for path in _tensor_files(src, fmt):
     for name, array in _read_tensors(path):
       if fmt == 'original':
-        name, array = mistral.original_tensor_to_hf(name, array, kwargs['head_dim'])
-      converted = mistral.hf_tensor_to_param(name, array, kwargs)
+        name, array = mistral_weights.original_tensor_to_hf(name, array, kwargs['head_dim'])
+      converted = mistral_weights.hf_tensor_to_param(name, array, kwargs)
       if converted is None:
         continue
       key, value = converted
@@ -136,7 +136,7 @@ def import_model(src: str, out: str, *, fmt: str = 'hf', scan: bool = False, dty
                          'is the config.json/params.json the one of these weights?')
       dest[...] = value
       filled.add(name)
-  missing = sorted(set(mistral.hf_names(kwargs)) - filled)
+  missing = sorted(set(mistral_weights.hf_names(kwargs)) - filled)
   if missing:
     raise ValueError(f'{len(missing)} tensors missing from {src}, e.g. {missing[:3]}; are all shards there?')
   epath.Path(out).mkdir(parents=True, exist_ok=True)
@@ -172,16 +172,16 @@ def export_model(src: str, out: str, *, step: int | None = None, dtype: str | No
   SRC may be on gs://; OUT is local (safetensors writes files by name).
   """
   from safetensors.numpy import save_file
-  from models import mistral
+  from models import mistral_weights
   from train import paths
   if paths.is_url(out):
     raise ValueError(f'--out={out}: export writes a local directory (safetensors writes local files); copy it to '
                      'the bucket afterwards, e.g. with gcloud storage cp -r.')
   kwargs, params = load_params(src, step)
   if 'layers' in params:  # Per-layer views of the stacked arrays, no copy.
-    params = mistral.unstack_layers(params)
+    params = mistral_weights.unstack_layers(params)
   cast = (lambda a: a.astype(dtype)) if dtype else (lambda a: a)
-  tensors = [(path, value) for path, value in mistral.flat_params(params)]
+  tensors = [(path, value) for path, value in mistral_weights.flat_params(params)]
   shards, size = [[]], 0
   for path, value in tensors:  # Plan the shards first: their count is in every file name.
     nbytes = value.size * np.dtype(dtype or value.dtype).itemsize
@@ -196,7 +196,7 @@ def export_model(src: str, out: str, *, step: int | None = None, dtype: str | No
     file = f'model-{i + 1:05d}-of-{len(shards):05d}.safetensors'
     converted = {}
     for path, value in shard:
-      name, array = mistral.param_to_hf_tensor(path, value)
+      name, array = mistral_weights.param_to_hf_tensor(path, value)
       converted[name] = np.ascontiguousarray(cast(array))
       weight_map[name] = file
       total += converted[name].nbytes
@@ -205,7 +205,7 @@ def export_model(src: str, out: str, *, step: int | None = None, dtype: str | No
     del converted
   with open(os.path.join(out, 'model.safetensors.index.json'), 'w') as f:
     json.dump({'metadata': {'total_size': total}, 'weight_map': weight_map}, f, indent=2)
-  config = mistral.hf_config_from_kwargs(kwargs)
+  config = mistral_weights.hf_config_from_kwargs(kwargs)
   config['torch_dtype'] = dtype or str(np.asarray(tensors[0][1]).dtype)
   with open(os.path.join(out, 'config.json'), 'w') as f:
     json.dump(config, f, indent=2)

@@ -9,7 +9,7 @@ import pytest
 import torch
 import transformers
 
-from models import mistral
+from models import mistral, mistral_weights
 
 P = jax.sharding.PartitionSpec
 
@@ -34,7 +34,7 @@ def hf_model():
 @pytest.fixture(scope='module')
 def converted(hf_model):
   sd = {k: v.detach().numpy().copy() for k, v in hf_model.state_dict().items()}
-  return mistral.from_hf(hf_model.config.to_dict(), sd)
+  return mistral_weights.from_hf(hf_model.config.to_dict(), sd)
 
 
 def _tokens(b: int, t: int, seed: int = 0) -> np.ndarray:
@@ -150,7 +150,7 @@ def test_scan_equals_unrolled_and_remat(converted):
   kwargs, params = converted
   tokens = _tokens(2, 13, seed=3)
   want = _apply(mistral.Model(**kwargs), params, tokens)
-  stacked = mistral.stack_layers(params)
+  stacked = mistral_weights.stack_layers(params)
   scan_init = _init(scan=True)
   assert jax.tree.map(np.shape, scan_init) == jax.tree.map(np.shape, stacked)
   loss = lambda m, p: jnp.sum(m.apply({'params': p}, tokens)**2) * 1e-3
@@ -163,7 +163,7 @@ def test_scan_equals_unrolled_and_remat(converted):
                                  atol=1e-5, rtol=0)
       if (scan, remat) in ((False, 'save_proj'), (True, 'full')):  # grads compile slowly on CPU
         g = jax.jit(jax.grad(lambda p: loss(model, p)))(p)
-        g = mistral.unstack_layers(g) if scan else g
+        g = mistral_weights.unstack_layers(g) if scan else g
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4),
                      g, grad_ref)
 
@@ -196,7 +196,7 @@ def test_sharded_run_matches_unsharded(converted):
   """Under a mesh with logical rules (tensor parallel over heads/kv_heads/mlp) outputs match."""
   kwargs, params = converted
   model = mistral.Model(**kwargs, scan=True)
-  params = mistral.stack_layers(params)
+  params = mistral_weights.stack_layers(params)
   tokens = _tokens(2, 9)
   want = _apply(model, params, tokens)
   mesh = jax.make_mesh((2, 2), ('data', 'model'), axis_types=(jax.sharding.AxisType.Auto,) * 2,
@@ -218,9 +218,9 @@ def test_tied_embeddings_round_trip():
   params = _init(tie_embeddings=True)
   assert 'head' not in params
   kwargs = {**KWARGS, 'tie_embeddings': True}
-  cfg, sd = mistral.to_hf(kwargs, params)
+  cfg, sd = mistral_weights.to_hf(kwargs, params)
   assert 'lm_head.weight' not in sd
-  kw2, p2 = mistral.from_hf(cfg, sd)
+  kw2, p2 = mistral_weights.from_hf(cfg, sd)
   assert kw2 == kwargs
   jax.tree.map(np.testing.assert_array_equal, p2, jax.tree.map(np.asarray, params))
 
@@ -229,7 +229,7 @@ def test_round_trip(hf_model, converted):
   sd = {k: v.detach().numpy() for k, v in hf_model.state_dict().items()}
   cfg = hf_model.config.to_dict()
   kwargs, params = converted
-  cfg2, sd2 = mistral.to_hf(kwargs, params)
+  cfg2, sd2 = mistral_weights.to_hf(kwargs, params)
   assert sd2.keys() == sd.keys()
   for name in sd:
     assert sd2[name].shape == sd[name].shape and np.array_equal(sd2[name], sd[name]), name
@@ -237,10 +237,10 @@ def test_round_trip(hf_model, converted):
     if key != 'architectures':
       assert cfg[key] == value, key
   # Scanned params convert too, and the HF config dict loads.
-  cfg3, sd3 = mistral.to_hf(kwargs, mistral.stack_layers(params))
+  cfg3, sd3 = mistral_weights.to_hf(kwargs, mistral_weights.stack_layers(params))
   assert all(np.array_equal(sd3[n], sd[n]) for n in sd)
   assert transformers.MistralConfig(**cfg3).rope_parameters['rope_theta'] == 10000.0
-  kw4, p4 = mistral.from_hf(cfg2, sd2)
+  kw4, p4 = mistral_weights.from_hf(cfg2, sd2)
   assert kw4 == kwargs
   jax.tree.map(np.testing.assert_array_equal, p4, params)
 
@@ -255,7 +255,7 @@ def test_param_count_mistral_7b():
 def test_missing_rope_theta_raises():
   cfg = {k: v for k, v in HF_CFG.items() if k != 'rope_theta'}
   with pytest.raises(ValueError, match='rope_theta') as err:
-    mistral.from_hf(cfg, {})
+    mistral_weights.from_hf(cfg, {})
   assert '\n' not in str(err.value)
   with pytest.raises(TypeError, match='rope_theta'):
     mistral.Model(**{k: v for k, v in KWARGS.items() if k != 'rope_theta'})
@@ -308,8 +308,8 @@ def test_original_format_import_equals_hf_import(hf_model, converted, original_s
   params_json = dict(dim=64, n_layers=2, head_dim=16, hidden_dim=128, n_heads=4, n_kv_heads=2,
                      norm_eps=1e-5, sliding_window=5, vocab_size=97)
   with pytest.raises(ValueError, match='no rope_theta'):
-    mistral.from_original(params_json, original)
-  kw2, p2 = mistral.from_original(params_json, original, rope_theta=10000.0)
+    mistral_weights.from_original(params_json, original)
+  kw2, p2 = mistral_weights.from_original(params_json, original, rope_theta=10000.0)
   assert kw2 == kwargs
   jax.tree.map(np.testing.assert_array_equal, p2, params)
   # Without the permutation the model would differ: the rows really moved.

@@ -7,7 +7,7 @@ import pytest
 import torch
 import transformers
 
-from models import mistral
+from models import mistral, mistral_weights
 
 KWARGS = dict(embed_dim=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=64,
               sliding_window=3, vocab_size=61, norm_eps=1e-5, rope_theta=10000.0)
@@ -35,7 +35,7 @@ def _rescored(model: mistral.Model, params: dict, tokens: np.ndarray, t: int) ->
 
 
 def _hf(window: int | None, params: dict) -> transformers.MistralForCausalLM:
-  config, sd = mistral.to_hf({**KWARGS, 'sliding_window': window}, params)
+  config, sd = mistral_weights.to_hf({**KWARGS, 'sliding_window': window}, params)
   config = transformers.MistralConfig(**{k: v for k, v in config.items()
                                          if k not in ('model_type', 'architectures')},
                                       attn_implementation='eager', bos_token_id=None,
@@ -85,12 +85,12 @@ def test_scan_params_generate_same():
   prompt = _prompt(2, 9, seed=1)
   want = mistral.generate(mistral.Model(**{**KWARGS, 'sliding_window': 4}), params, prompt, NEW)
   scan_model = mistral.Model(**{**KWARGS, 'sliding_window': 4}, scan=True)
-  got, logprobs, cache = mistral.generate(scan_model, mistral.stack_layers(params), prompt, NEW,
+  got, logprobs, cache = mistral.generate(scan_model, mistral_weights.stack_layers(params), prompt, NEW,
                                           prefill_chunk=5, return_state=True)
   np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
   assert cache['k'].shape == (2, 2, 4, 2, 8)
   np.testing.assert_allclose(np.asarray(logprobs),
-                             _rescored(scan_model, mistral.stack_layers(params), np.asarray(got), 9),
+                             _rescored(scan_model, mistral_weights.stack_layers(params), np.asarray(got), 9),
                              atol=1e-5, rtol=0)
 
 
