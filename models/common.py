@@ -6,7 +6,12 @@ import jax
 import jax.numpy as jnp
 
 
-def count_params(model: nn.Module, input_shape: tuple[int, ...], dtype=jnp.float32) -> int:
-  """Number of parameters of `model` on an input of `input_shape`, via jax.eval_shape (no memory)."""
+def abstract_params(model: nn.Module, input_shape: tuple[int, ...], dtype=jnp.float32):
+  """Unboxed ShapeDtypeStructs of `model`'s parameters on an input of `input_shape` (jax.eval_shape: no memory)."""
   shapes = jax.eval_shape(lambda: model.init({'params': jax.random.key(0)}, jnp.zeros(input_shape, dtype)))
-  return sum(math.prod(x.shape) for x in jax.tree.leaves(nn.meta.unbox(shapes['params'])))
+  return nn.meta.unbox(shapes['params'])
+
+
+def count_params(model: nn.Module, input_shape: tuple[int, ...], dtype=jnp.float32) -> int:
+  """Number of parameters of `model` on an input of `input_shape`."""
+  return sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_params(model, input_shape, dtype)))

@@ -90,20 +90,11 @@ def _load_json(path: str) -> dict:
   return json.loads(epath.Path(path).read_text())
 
 
-def abstract_params(model_kwargs: dict):
-  """Unboxed ShapeDtypeStructs of Model(**model_kwargs)'s parameters (no memory)."""
-  import flax.linen as nn
-  from models import mistral
-  model = mistral.Model(**model_kwargs)
-  boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))['params']
-  return nn.meta.unbox(boxed)
-
-
 def import_model(src: str, out: str, *, fmt: str = 'hf', scan: bool = False, dtype: str | None = None,
                  rope_theta: float | None = None) -> dict:
   """Streams SRC's tensors (a local directory: they are memory-mapped) into OUT/params (local or gs://);
   returns the model kwargs written to OUT/config.json."""
-  from models import mistral_weights
+  from models import common, mistral, mistral_weights
   from train import checkpoint, paths
   if fmt == 'hf':
     hf_config = _load_json(os.path.join(src, 'config.json'))
@@ -111,7 +102,7 @@ def import_model(src: str, out: str, *, fmt: str = 'hf', scan: bool = False, dty
     hf_config = mistral_weights.hf_config_from_original(_load_json(os.path.join(src, 'params.json')), rope_theta)
   kwargs = mistral_weights.model_kwargs_from_hf(hf_config)
   kwargs['scan'] = scan
-  shapes = abstract_params(kwargs)
+  shapes = common.abstract_params(mistral.Model(**kwargs), (1, 1), jnp.int32)
   params, filled = None, set()
   for path in _tensor_files(src, fmt):
     for name, array in _read_tensors(path):
@@ -153,16 +144,11 @@ def import_model(src: str, out: str, *, fmt: str = 'hf', scan: bool = False, dty
 
 def load_params(src: str, step: int | None = None):
   """(model kwargs, numpy params) of an imported directory or a training workdir (EMA copy if kept)."""
-  from train import checkpoint
-  config = _load_json(os.path.join(src, 'config.json'))
+  from train import sample
+  config, _, params, _ = sample.load(src, step)
   if config.get('model_name') != MODEL_NAME:
     raise ValueError(f"{src} holds model_name={config.get('model_name')!r}; only {MODEL_NAME!r} exports to HF.")
-  kwargs = config['model']
-  device = jax.sharding.SingleDeviceSharding(jax.local_devices(backend='cpu')[0])
-  target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), abstract_params(kwargs))
-  key = 'ema_params' if (config.get('optimizer') or {}).get('ema_decay') else 'params'
-  params = checkpoint.restore_params(src, target, step=step, key=key)
-  return kwargs, jax.tree.map(np.asarray, params)
+  return config.model.to_dict(), jax.tree.map(np.asarray, params)
 
 
 def export_model(src: str, out: str, *, step: int | None = None, dtype: str | None = None,

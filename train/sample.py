@@ -38,8 +38,8 @@ def load(workdir: str, step: int | None = None):
 
   Only the parameters are read (the EMA copy when the run kept one); step is None for an imported model.
   """
-  import flax.linen as nn
   import jax.numpy as jnp
+  from models import common
   from train import checkpoint, loop, paths
   path = os.path.join(workdir, 'config.json')
   if not epath.Path(path).exists():
@@ -53,10 +53,9 @@ def load(workdir: str, step: int | None = None):
       step = manager.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f'no checkpoint under {workdir}/checkpoints: train first.')
-  init = lambda: model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))['params']
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device),
-                        nn.meta.unbox(jax.eval_shape(init)))
+                        common.abstract_params(model, (1, 1), jnp.int32))
   key = 'ema_params' if (config.get('optimizer') or {}).get('ema_decay') else 'params'
   params = checkpoint.restore_params(workdir, target, step=step, key=key)
   return config, model, params, None if imported else step

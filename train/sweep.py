@@ -27,9 +27,9 @@ import time
 from absl import app, flags, logging
 from etils import epath
 import jax
-import jax.numpy as jnp
 import ml_collections
 
+from models import common
 from train import PREEMPTED_EXIT, compute, launch
 
 FLAGS = flags.FLAGS
@@ -81,8 +81,7 @@ def _module(path: str):
 def _param_count_cached(model_name: str, model_json: str, input_shape: tuple[int, ...]) -> int:
   from train import loop
   model = loop.build_model(ml_collections.ConfigDict({'model_name': model_name, 'model': json.loads(model_json)}))
-  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, *input_shape))))
-  return sum(x.size for x in jax.tree.leaves(shapes['params']))
+  return common.count_params(model, (1, *input_shape))
 
 
 def _param_count(config, input_shape) -> int:

@@ -9,7 +9,6 @@ import pytest
 import torch
 import transformers
 
-from configs import mistral_tiny
 from data import tokenizers
 from train import convert, loop, sample
 from train import metrics as metrics_lib
@@ -79,19 +78,11 @@ def test_original_format_import_matches_hf_import(hf_dir, tmp_path, original_sta
   jax.tree.map(np.testing.assert_array_equal, from_original, from_hf)
 
 
-def test_finetune_from_import_then_export_round_trips(hf_dir, tmp_path):
+def test_finetune_from_import_then_export_round_trips(hf_dir, tmp_path, tiny_mistral_config):
   """The loop starts from the imported weights (lr 0 keeps them), and export gives HF back its tensors."""
   imported = tmp_path / 'imported'
   convert.import_model(str(hf_dir), str(imported))
-  corpus = tmp_path / 'corpus'
-  corpus.mkdir()
-  for i in range(40):
-    (corpus / f'doc{i:02d}.txt').write_text(f'Document {i}: ' + 'lorem ipsum dolor sit amet. ' * (i % 5 + 3))
-  c = mistral_tiny.get_config()
-  c.model.update(embed_dim=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=64,
-                 sliding_window=8, block_size=8)
-  c.data.update(files=str(corpus / '*.txt'), data_dir=str(tmp_path / 'tfds'), seq_len=32, num_threads=1, prefetch=1)
-  c.batch_size = c.eval_batch_size = 8
+  c = tiny_mistral_config  # the HF model's shapes (HF_CFG)
   c.total_steps, c.log_every_steps, c.eval_every_steps, c.checkpoint_every_steps = 1, 1, 1, 1
   c.schedule.base_learning_rate, c.schedule.warmup_steps = 0.0, 0
   c.init_params = str(imported)

@@ -48,17 +48,8 @@ def test_nfnet_recipe_masks_select_by_parameter_name():
   assert any(n.endswith('skip_gain') for n in names) and any(n.endswith('/gain') for n in names)
 
 
-def test_mistral_tiny_trains_on_8_devices_with_fsdp_and_tensor_parallelism(tmp_path):
-  from configs import mistral_tiny
-  corpus = tmp_path / 'corpus'
-  corpus.mkdir()
-  for i in range(60):  # Enough files that the hash split gives a validation document.
-    (corpus / f'doc{i:02d}.txt').write_text(f'Document {i}: ' + 'the quick brown fox jumps over the lazy dog. ' * (i % 7 + 3))
-  c = mistral_tiny.get_config()
-  c.model.update(embed_dim=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=64,
-                 sliding_window=8, block_size=8)
-  c.data.update(files=str(corpus / '*.txt'), data_dir=str(tmp_path / 'tfds'), seq_len=32, num_threads=1, prefetch=1)
-  c.batch_size = c.eval_batch_size = 8
+def test_mistral_tiny_trains_on_8_devices_with_fsdp_and_tensor_parallelism(tmp_path, tiny_mistral_config):
+  c = tiny_mistral_config
   c.total_steps, c.log_every_steps, c.eval_every_steps, c.checkpoint_every_steps = 3, 1, 3, 3
   c.schedule.warmup_steps = 1
   c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 2, 2, 2
