@@ -29,7 +29,8 @@ import jax
 from ml_collections import config_flags
 import numpy as np
 
-from train import loop, sharding, steps, tasks
+from train import adapters, loop, objectives, sharding, steps
+from train import state as state_lib
 from train.compute import matmul_peak_flops
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file to benchmark.', lock_config=False)
@@ -43,39 +44,28 @@ _REFERENCE = flags.DEFINE_string('reference', None, "timm:MODEL_NAME, or 'hf_vit
                                  "the config's shape).")
 
 
-def synthetic_tokens(batch_size, seq_len, vocab_size):
-  """Random tokens, one document filling each row (the packed-text pipeline's keys)."""
-  tokens = np.random.default_rng(0).integers(0, vocab_size, (batch_size, seq_len)).astype(np.int32)
-  return {'tokens': tokens, 'segment_ids': np.ones_like(tokens),
-          'positions': np.broadcast_to(np.arange(seq_len, dtype=np.int32), tokens.shape).copy()}
-
-
-def synthetic_batch(batch_size, image_size, channels, num_classes):
-  rng = np.random.default_rng(0)
-  return {'image': rng.standard_normal((batch_size, image_size, image_size, channels), dtype=np.float32),
-          'label': rng.integers(0, num_classes, batch_size).astype(np.int32)}
-
-
 def time_jax(config, batch) -> tuple[float, float]:
   devices = jax.devices()[:_DEVICES.value]
   config.mesh.data, config.mesh.fsdp, config.mesh.tensor = len(devices), 1, 1
   mesh = sharding.make_mesh(config.mesh, devices)
   rules = sharding.logical_rules(config.sharding_rules)
-  model, task = loop.build_model(config), tasks.make_task(config.task)
+  model, objective = loop.build_model(config), objectives.make_objective(config.task)
+  adapter = adapters.make_adapter(config.get('adapter'))
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    fns = steps.build(config, mesh, rules, model, task, task.example_input(batch))
-    state = fns.init(fns.init_key)
+    fns = steps.build(config, mesh, rules, model, objective, adapter, objective.example_input(batch))
+    trainable, base = fns.split(fns.init_params(fns.init_key))
+    state, frozen = fns.init_state(trainable), ({state_lib.BASE: base} if base else {})
     global_batch = sharding.global_batch(batch, fns.batch_sharding)
     lr = fns.learning_rates[0]
-    compiled = fns.train.lower(state, global_batch, lr).compile()
+    compiled = fns.train.lower(state, frozen, global_batch, lr).compile()
     cost = compiled.cost_analysis()
     flops = float((cost[0] if isinstance(cost, (list, tuple)) else cost)['flops'])
-    state, metrics = compiled(state, global_batch, lr)
+    state, metrics = compiled(state, frozen, global_batch, lr)
     jax.block_until_ready(metrics)
     times = []
     for _ in range(_STEPS.value):
       t = time.perf_counter()
-      state, metrics = compiled(state, global_batch, lr)
+      state, metrics = compiled(state, frozen, global_batch, lr)
       jax.block_until_ready(metrics)
       times.append(time.perf_counter() - t)
   return statistics.median(times), flops
@@ -136,13 +126,12 @@ def main(argv):
   del argv
   config = _CONFIG.value
   config.batch_size = config.eval_batch_size = _BATCH.value
-  if config.task.name == 'language_model':
-    batch = synthetic_tokens(_BATCH.value, _SEQ_LEN.value, config.model.vocab_size)
-    unit = 'tokens'
-  else:
-    batch = synthetic_batch(_BATCH.value, _IMAGE.value, _CHANNELS.value, config.model.num_classes)
-    unit = 'examples'
-  per_step = batch['tokens'].size if unit == 'tokens' else _BATCH.value
+  objective = objectives.make_objective(config.task)
+  # The objective makes a batch of its own shape: token rows for language models, images for classifiers.
+  input_shape = objective.example_shape(_IMAGE.value, _CHANNELS.value, _SEQ_LEN.value)
+  batch = objective.synthetic_batch(config, _BATCH.value, input_shape)
+  unit = objective.unit
+  per_step = _BATCH.value * (input_shape[0] if unit == 'tokens' else 1)
   peak = matmul_peak_flops()
   seconds, flops = time_jax(config, batch)
   print(f'device: {jax.devices()[0].device_kind} x{_DEVICES.value} | matmul peak {peak / 1e9:.1f} GFLOP/s (float32)')

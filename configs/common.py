@@ -61,7 +61,12 @@ def adamw(weight_decay: float = 1e-4, grad_clip_norm: float | None = 1.0, **kw) 
       name='adamw', b1=0.9, b2=0.999, eps=1e-8, weight_decay=weight_decay,
       # Decay matrices only: not biases, norm scales, embeddings of positions or the class token.
       weight_decay_params=r'.*kernel', grad_clip_norm=optional(float, grad_clip_norm),
-      frozen_params=optional(str), ema_decay=optional(float), ema_warmup=False) | kw)
+      ema_decay=optional(float), ema_warmup=False) | kw)
+
+
+def adapter(name: str = 'none', params: str | None = None) -> ml_collections.ConfigDict:
+  """What trains: 'none' (everything) or 'freeze' (`params`, a regex over parameter names, stays frozen)."""
+  return ml_collections.ConfigDict(dict(name=name, params=optional(str, params)))
 
 
 def schedule(base_learning_rate: float, warmup_steps: int, decay: str = 'cosine') -> ml_collections.ConfigDict:

@@ -51,7 +51,7 @@ def get_config(arg=None):
     c.optimizer = ml_collections.ConfigDict(dict(
         name='sgd', momentum=0.9, nesterov=True, agc_clip=0.01, agc_eps=1e-3, agc_exclude_params=r'head/kernel',
         weight_decay=5e-5, weight_decay_params=r'.*kernel', grad_clip_norm=common.optional(float),
-        frozen_params=common.optional(str), ema_decay=common.optional(float), ema_warmup=False))
+        ema_decay=common.optional(float), ema_warmup=False))
     learning_rate = arg.lr or 0.4
   else:
     c.model_name = 'vit'
@@ -76,6 +76,8 @@ def get_config(arg=None):
   c.checkpoints_to_keep = 1
   c.schedule = ml_collections.ConfigDict(dict(base_learning_rate=learning_rate, warmup_fraction=0.05,
                                               decay='cosine', end_learning_rate=0.0))
+  c.adapter = common.adapter()
+  c.microbatches = 1
   c.mesh = common.mesh(data=-1)
   c.sharding_rules = common.sharding_rules()
   return c

@@ -56,6 +56,8 @@ def get_config(arg=None):
   c.optimizer = common.adamw(weight_decay=0.1, grad_clip_norm=1.0, b2=0.95, eps=1e-5)
   c.schedule = common.schedule(base_learning_rate=1e-5 if finetune else 3e-4,
                                warmup_steps=100 if finetune else 2_000)
+  c.adapter = common.adapter()
+  c.microbatches = 1
   c.mesh = common.mesh(data=1, fsdp=-1, tensor=4)
   c.sharding_rules = common.sharding_rules()
 

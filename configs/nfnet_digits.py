@@ -38,9 +38,11 @@ def get_config(arg=None):
       name='sgd', momentum=0.9, nesterov=True,
       agc_clip=0.01, agc_eps=1e-3, agc_exclude_params=r'head/kernel',
       weight_decay=5e-5, weight_decay_params=r'.*kernel',
-      grad_clip_norm=common.optional(float), frozen_params=common.optional(str),
+      grad_clip_norm=common.optional(float),
       ema_decay=0.999, ema_warmup=True))
   c.schedule = common.schedule(base_learning_rate=0.4, warmup_steps=100)
+  c.adapter = common.adapter()
+  c.microbatches = 1
   c.mesh = common.mesh(data=-1)
   c.sharding_rules = common.sharding_rules()
   return c

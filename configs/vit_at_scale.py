@@ -46,6 +46,8 @@ def get_config(arg=None):
   c.optimizer = common.adamw(weight_decay=0.1, grad_clip_norm=1.0, b2=0.95)
   c.schedule = ml_collections.ConfigDict(dict(base_learning_rate=arg.lr, warmup_fraction=0.02, decay='cosine',
                                               end_learning_rate=0.0))
+  c.adapter = common.adapter()
+  c.microbatches = 1
   c.mesh = common.mesh(data=1, fsdp=-1, tensor=1)
   c.sharding_rules = common.sharding_rules()
 

@@ -34,6 +34,8 @@ def get_config(arg=None):
 
   c.optimizer = common.adamw(weight_decay=1e-4, grad_clip_norm=1.0)
   c.schedule = common.schedule(base_learning_rate=2e-3, warmup_steps=100, decay='cosine')
+  c.adapter = common.adapter()
+  c.microbatches = 1
   c.mesh = common.mesh(data=-1)
   c.sharding_rules = common.sharding_rules()
   return c

@@ -46,6 +46,8 @@ def get_config(arg=None):
 
   c.optimizer = common.adamw(weight_decay=0.3, grad_clip_norm=1.0)
   c.schedule = common.schedule(base_learning_rate=3e-3, warmup_steps=10_000, decay='cosine')
+  c.adapter = common.adapter()
+  c.microbatches = 1
   c.mesh = common.mesh(data=1, fsdp=-1, tensor=1)
   c.sharding_rules = common.sharding_rules()
 

@@ -19,7 +19,7 @@ Every parameter is boxed with logical axis names ('vocab', 'embed', 'heads',
 'kv_heads', 'head_dim', 'mlp', and 'layers' when scanned); the residual stream
 is constrained to ('batch', 'length', 'act_embed'), a no-op without a mesh/rules.
 """
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 import functools
 from typing import Any
 
@@ -41,14 +41,10 @@ Params = dict[str, Any]
 Cache = dict[str, jax.Array]
 
 
-def _boxed(init: Callable, names: tuple[str | None, ...]) -> Callable:
-  return nn.with_logical_partitioning(init, names)
-
-
-def _fan_in_init(num_in: int, num_out: int) -> Callable:
-  return nn.initializers.variance_scaling(1.0, 'fan_in', 'truncated_normal',
-                                          in_axis=tuple(range(num_in)),
-                                          out_axis=tuple(range(num_in, num_in + num_out)))
+# Every Mistral projection: `x @ kernel` without bias, kernel ~ truncated normal of variance 1 / fan_in.
+# Called as _projection(out_shape, kernel_axes, num_in, dtype, name=...).
+FAN_IN_INIT = functools.partial(nn.initializers.variance_scaling, 1.0, 'fan_in', 'truncated_normal')
+_projection = functools.partial(common.Projection, use_bias=False, kernel_init=FAN_IN_INIT)
 
 
 def attention_mask(q_idx: jax.Array, k_idx: jax.Array, q_pos: jax.Array, k_pos: jax.Array,
@@ -147,25 +143,11 @@ class RMSNorm(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    scale = self.param('scale', _boxed(nn.initializers.ones, ('embed',)), (x.shape[-1],))
+    scale = self.param('scale', common.boxed(nn.initializers.ones, ('embed',)), (x.shape[-1],))
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
     # Cast before the scale multiply, as HF and the reference do.
     return y.astype(self.dtype) * scale.astype(self.dtype)
-
-
-class Projection(nn.Module):
-  """`x @ kernel` contracting the last `num_in` axes of x with kernel[in..., out...] (no bias)."""
-  out_shape: tuple[int, ...]
-  kernel_axes: tuple[str | None, ...]
-  num_in: int
-  dtype: Any
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    init = _boxed(_fan_in_init(self.num_in, len(self.out_shape)), self.kernel_axes)
-    kernel = self.param('kernel', init, tuple(x.shape[-self.num_in:]) + tuple(self.out_shape))
-    return jnp.tensordot(x.astype(self.dtype), kernel.astype(self.dtype), axes=self.num_in)
 
 
 def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
@@ -199,8 +181,8 @@ class Attention(nn.Module):
     cache: {'k', 'v': [b, S, kv, d] post-RoPE, 'pos': [b, S] slot positions, -1 if empty}.
     """
     kv, d = self.num_kv_heads, self.head_dim
-    proj = lambda heads, axis, name: Projection((heads, d), ('embed', axis, 'head_dim'), 1,
-                                                self.dtype, name=name)(x)
+    proj = lambda heads, axis, name: _projection((heads, d), ('embed', axis, 'head_dim'), 1,
+                                                 self.dtype, name=name)(x)
     q = checkpoint_name(proj(self.num_heads, 'heads', 'query'), 'query_proj')
     k = checkpoint_name(proj(kv, 'kv_heads', 'key'), 'key_proj')
     v = checkpoint_name(proj(kv, 'kv_heads', 'value'), 'value_proj')
@@ -216,8 +198,7 @@ class Attention(nn.Module):
     else:
       out = masked_attention(q, k, v, segment_ids, positions, self.sliding_window)
     out = out.reshape(*out.shape[:2], self.num_heads, d)
-    out = Projection((x.shape[-1],), ('heads', 'head_dim', 'embed'), 2, self.dtype,
-                     name='out')(out)
+    out = _projection((x.shape[-1],), ('heads', 'head_dim', 'embed'), 2, self.dtype, name='out')(out)
     out = checkpoint_name(out, 'out_proj')
     return out if cache is None else (out, new_cache)
 
@@ -229,7 +210,7 @@ class Mlp(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    dense = lambda n, axes, name: Projection((n,), axes, 1, self.dtype, name=name)
+    dense = lambda n, axes, name: _projection((n,), axes, 1, self.dtype, name=name)
     h = nn.silu(dense(self.mlp_dim, ('embed', 'mlp'), 'gate')(x))
     h = h * dense(self.mlp_dim, ('embed', 'mlp'), 'up')(x)
     return dense(x.shape[-1], ('mlp', 'embed'), 'down')(h)
@@ -316,7 +297,7 @@ class Model(nn.Module):
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
 
-    init = _boxed(nn.initializers.normal(EMBED_STD), ('vocab', 'embed'))
+    init = common.boxed(nn.initializers.normal(EMBED_STD), ('vocab', 'embed'))
     embedding = self.param('embedding', init, (self.vocab_size, self.embed_dim))
     x = jnp.take(embedding, tokens, axis=0).astype(dtype)
     x = nn.with_logical_constraint(x, RESIDUAL_AXES)
@@ -360,7 +341,7 @@ class Model(nn.Module):
     if self.tie_embeddings:
       logits = jnp.einsum('bte,ve->btv', x, embedding.astype(dtype))
     else:
-      logits = Projection((self.vocab_size,), ('embed', 'vocab'), 1, dtype, name='head')(x)
+      logits = _projection((self.vocab_size,), ('embed', 'vocab'), 1, dtype, name='head')(x)
     logits = logits.astype(jnp.float32)
     if cache is None:
       return logits

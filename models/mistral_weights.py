@@ -9,28 +9,21 @@ from collections.abc import Mapping
 import re
 from typing import Any
 
-import jax
 import numpy as np
+
+from models import common
 
 Params = dict[str, Any]
 
 
 def stack_layers(params: Params) -> Params:
   """Converts scan=False params (layer_{i}) to scan=True (layers, stacked on axis 0)."""
-  params = dict(params)
-  n = sum(k.startswith('layer_') for k in params)
-  layers = [params.pop(f'layer_{i}') for i in range(n)]
-  params['layers'] = jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *layers)
-  return params
+  return common.stack_layers(params, 'layer_', 'layers')
 
 
 def unstack_layers(params: Params) -> Params:
   """Converts scan=True params (layers, stacked) to scan=False (layer_{i})."""
-  params = dict(params)
-  stacked = params.pop('layers')
-  for i in range(jax.tree.leaves(stacked)[0].shape[0]):
-    params[f'layer_{i}'] = jax.tree.map(lambda x, i=i: np.asarray(x[i]), stacked)
-  return params
+  return common.unstack_layers(params, 'layer_', 'layers')
 
 
 def _rope_theta(cfg: Mapping[str, Any]) -> float:

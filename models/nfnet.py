@@ -1,10 +1,15 @@
-"""NFNet (normaliser-free ResNets; Brock et al. 2021, arXiv 2102.06171) in Flax Linen, with a timm converter.
+"""NFNet (normaliser-free ResNets; Brock et al. 2021, arXiv 2102.06171) in Flax Linen.
+
+The timm weight converter lives in nfnet_weights.py.
 
 Usage::
 
   model = Model(variant='F0', num_classes=1000)
   params = nn.meta.unbox(model.init({'params': key}, images)['params'])
   logits = model.apply({'params': params}, images, train=True, rngs={'dropout': key})
+
+Pretrained weights: `nfnet_weights.from_timm(state_dict, 'F0')` gives (model_kwargs, params); it stays
+reachable as `nfnet.from_timm`.
 
 Images are NHWC, conv kernels HWIO. `train=True` draws from the 'dropout' rng collection for both the
 head dropout and stochastic depth. Per-stage activations are sown: with
@@ -24,7 +29,7 @@ Tiny inputs: TF "SAME" padding makes every stride-s layer output ceil(n/s) pixel
 pixels (an 8x8 image reaches 1x1 in stage 2 with the default strides); `stem_strides` and `stage_strides`
 keep small images spatially resolved, e.g. stem_strides=(1, 1, 1, 1) for 8x8 digits.
 """
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 import functools
 import math
 from typing import Any, NamedTuple
@@ -58,7 +63,7 @@ CONV_AXES = (None, None, 'conv_in', 'conv_out')
 ACT_AXES = ('batch', None, None, 'act_conv')
 
 Params = dict[str, Any]
-Pair = int | Sequence[int]
+Pair = common.Pair
 
 
 class BlockArch(NamedTuple):
@@ -81,14 +86,6 @@ class Arch(NamedTuple):
   stages: tuple[tuple[BlockArch, ...], ...]
   final_width: int
   dropout: float
-
-
-def _pair(x: Pair) -> tuple[int, int]:
-  return (int(x), int(x)) if isinstance(x, (int, np.integer)) else (int(x[0]), int(x[1]))
-
-
-def _boxed(init: Callable, names: tuple[str | None, ...]) -> Callable:
-  return nn.with_logical_partitioning(init, names)
 
 
 def bottleneck(out_ch: int, group_width: int, plus_stage1_width: str) -> tuple[int, int]:
@@ -193,9 +190,9 @@ class WSConv(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     k = self.kernel_size
     init = nn.initializers.variance_scaling(1.0, 'fan_in', 'normal')
-    kernel = self.param('kernel', _boxed(init, CONV_AXES), (k, k, x.shape[-1] // self.groups, self.features))
-    gain = self.param('gain', _boxed(nn.initializers.ones, ('conv_out',)), (self.features,))
-    bias = self.param('bias', _boxed(nn.initializers.zeros, ('conv_out',)), (self.features,))
+    kernel = self.param('kernel', common.boxed(init, CONV_AXES), (k, k, x.shape[-1] // self.groups, self.features))
+    gain = self.param('gain', common.boxed(nn.initializers.ones, ('conv_out',)), (self.features,))
+    bias = self.param('bias', common.boxed(nn.initializers.zeros, ('conv_out',)), (self.features,))
     w = standardize_weight(kernel, gain, self.numerics).astype(self.dtype)
     y = conv_same(x.astype(self.dtype), w, self.stride, self.groups, self.conv_impl)
     return y + bias.astype(self.dtype)
@@ -210,8 +207,8 @@ class Linear(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    kernel = self.param('kernel', _boxed(self.kernel_init, self.kernel_axes), (x.shape[-1], self.features))
-    bias = self.param('bias', _boxed(nn.initializers.zeros, self.kernel_axes[1:]), (self.features,))
+    kernel = self.param('kernel', common.boxed(self.kernel_init, self.kernel_axes), (x.shape[-1], self.features))
+    bias = self.param('bias', common.boxed(nn.initializers.zeros, self.kernel_axes[1:]), (self.features,))
     return x.astype(self.dtype) @ kernel.astype(self.dtype) + bias.astype(self.dtype)
 
 
@@ -261,7 +258,7 @@ class NFBlock(nn.Module):
       # Per-example drop, kept examples NOT rescaled by 1/keep (as the reference code).
       u = jax.random.uniform(self.make_rng('dropout'), (x.shape[0], 1, 1, 1), jnp.float32)
       out = out * jnp.floor(1.0 - s.drop_rate + u).astype(out.dtype)
-    skip_gain = self.param('skip_gain', _boxed(nn.initializers.zeros, ()), ())
+    skip_gain = self.param('skip_gain', common.boxed(nn.initializers.zeros, ()), ())
     return out * skip_gain.astype(out.dtype) * self.alpha + shortcut
 
 
@@ -379,10 +376,10 @@ class Model(nn.Module):
   @nn.compact
   def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
     a, dtype = self.arch(), jnp.dtype(self.dtype)
-    common = dict(activation=self.activation, numerics=self.numerics, dtype=dtype)
-    x = Stem(a.stem, **common, name='stem')(images.astype(dtype))
+    shared = dict(activation=self.activation, numerics=self.numerics, dtype=dtype)
+    x = Stem(a.stem, **shared, name='stem')(images.astype(dtype))
     for s, blocks in enumerate(a.stages):
-      x = Stage(blocks, self.alpha, **common, conv_impl=self.conv_impl, name=f'stage_{s}')(x, train)
+      x = Stage(blocks, self.alpha, **shared, conv_impl=self.conv_impl, name=f'stage_{s}')(x, train)
     x = WSConv(a.final_width, numerics=self.numerics, dtype=dtype, name='final_conv')(x)
     x = activation_fn(self.activation, self.numerics)(x)
     x = jnp.mean(x, axis=(1, 2), dtype=jnp.float32)
@@ -404,7 +401,7 @@ def count(model_kwargs: Mapping[str, Any], image_hw: Pair = (224, 224), channels
   """
   model = Model(**model_kwargs)
   a = model.arch()
-  h, w = _pair(image_hw)
+  h, w = common.pair(image_hw)
   totals = {'params': 0, 'macs': 0}
 
   def conv(h: int, w: int, k: int, cin: int, cout: int, stride: int = 1, groups: int = 1) -> tuple[int, int]:
@@ -449,61 +446,13 @@ def forward_flops(model_kwargs: Mapping[str, Any], input_shape: tuple[int, ...])
 
 def param_count(model_kwargs: Mapping[str, Any], image_hw: Pair = (224, 224)) -> int:
   """Number of parameters, computed abstractly with jax.eval_shape (no memory)."""
-  h, w = _pair(image_hw)
+  h, w = common.pair(image_hw)
   return common.count_params(Model(**model_kwargs), (1, h, w, 3))
 
 
-class _Reader:
-  """Pops float32 numpy arrays from a timm state dict and reports keys never read."""
-
-  def __init__(self, state_dict: Mapping[str, Any]):
-    self.sd = dict(state_dict)
-
-  def __call__(self, key: str) -> np.ndarray:
-    if key not in self.sd:
-      raise ValueError(f'timm NFNet state dict lacks {key!r}; wrong variant?')
-    # np.asarray also accepts CPU torch tensors without importing torch here.
-    return np.asarray(self.sd.pop(key), dtype=np.float32)
-
-  def conv(self, prefix: str) -> dict[str, np.ndarray]:
-    """ScaledStdConv2d: weight OIHW -> kernel HWIO, gain (out, 1, 1, 1) -> (out,)."""
-    return {'kernel': self(f'{prefix}.weight').transpose(2, 3, 1, 0),
-            'gain': self(f'{prefix}.gain').reshape(-1), 'bias': self(f'{prefix}.bias')}
-
-  def pointwise(self, prefix: str) -> dict[str, np.ndarray]:
-    """1x1 Conv2d (out, in, 1, 1) or Linear (out, in) -> Dense kernel (in, out)."""
-    weight = self(f'{prefix}.weight')
-    return {'kernel': weight.reshape(weight.shape[:2]).T, 'bias': self(f'{prefix}.bias')}
-
-  def done(self) -> None:
-    if self.sd:
-      raise ValueError(f'Unsupported timm NFNet weights (not a dm_nfnet_* layout): {sorted(self.sd)}')
-
-
-def from_timm(state_dict: Mapping[str, Any], variant: str) -> tuple[dict[str, Any], Params]:
-  """timm `dm_nfnet_*` state dict (numpy arrays) -> (Model kwargs with numerics='timm', params).
-
-  `variant` is 'F0'..'F6' (or timm's 'dm_nfnet_f0'...). A state dict without 'head.fc.weight'
-  (num_classes=0 in timm) gives num_classes=0.
-  """
-  variant = variant.upper().removeprefix('DM_NFNET_')
-  num_classes = len(state_dict['head.fc.weight']) if 'head.fc.weight' in state_dict else 0
-  kwargs = dict(variant=variant, num_classes=num_classes, numerics='timm')
-  arch = Model(**kwargs).arch()
-  r = _Reader(state_dict)
-  params: Params = {'stem': {f'conv{i + 1}': r.conv(f'stem.conv{i + 1}') for i in range(len(arch.stem))}}
-  for s, blocks in enumerate(arch.stages):
-    stage = params[f'stage_{s}'] = {}
-    for j, spec in enumerate(blocks):
-      prefix = f'stages.{s}.{j}'
-      block = {name: r.conv(f'{prefix}.{name}') for name in ('conv1', 'conv2', 'conv2b', 'conv3')}
-      if spec.has_shortcut_conv:
-        block['shortcut'] = r.conv(f'{prefix}.downsample.conv')
-      block['se'] = {fc: r.pointwise(f'{prefix}.attn_last.{fc}') for fc in ('fc1', 'fc2')}
-      block['skip_gain'] = r(f'{prefix}.skipinit_gain').reshape(())
-      stage[f'block_{j}'] = block
-  params['final_conv'] = r.conv('final_conv')
-  if num_classes:
-    params['head'] = r.pointwise('head.fc')
-  r.done()
-  return kwargs, params
+def __getattr__(name: str) -> Any:
+  # The timm converter lives in models/nfnet_weights.py; imported on first use (no import cycle).
+  if name == 'from_timm':
+    from models import nfnet_weights
+    return nfnet_weights.from_timm
+  raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

@@ -1,4 +1,4 @@
-"""Vision Transformer (ViT) family in Flax Linen, with timm / HF converters.
+"""Vision Transformer (ViT) family in Flax Linen (timm / HF weight converters: vit_weights.py).
 
 Usage::
 
@@ -6,12 +6,17 @@ Usage::
   params = nn.meta.unbox(model.init({'params': key}, images)['params'])
   logits = model.apply({'params': params}, images, train=False)  # [b, classes]
 
+Pretrained weights: `vit_weights.from_timm(state_dict, num_heads)` / `vit_weights.from_hf(config,
+state_dict)` give (model_kwargs, params); they stay reachable as `vit.from_timm` / `vit.from_hf`.
+`adapt_params` fits trained params to a model at another resolution (resizes the position
+embedding); `stack_layers` / `unstack_layers` convert between scan=False and scan=True params.
+
 Images are NHWC. Every parameter is boxed with logical axis names at init
 ('embed', 'mlp', 'heads', 'head_dim', 'classes', 'layers', None); the residual
 stream is constrained to ('batch', 'length', 'act_embed'), which is a no-op
 unless logical axis rules and a mesh are active.
 """
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 import math
 from typing import Any
 
@@ -38,30 +43,22 @@ POS_EMBED_STD = 0.02  # timm / HF convention for learned position embeddings
 RESIDUAL_AXES = ('batch', 'length', 'act_embed')
 
 Params = dict[str, Any]
-Pair = int | Sequence[int]
-
-
-def _pair(x: Pair) -> tuple[int, int]:
-  return (int(x), int(x)) if isinstance(x, (int, np.integer)) else (int(x[0]), int(x[1]))
-
-
-def _boxed(init: Callable, names: tuple[str | None, ...]) -> Callable:
-  return nn.with_logical_partitioning(init, names)
+Pair = common.Pair
 
 
 def _dense(features: int, names: tuple[str | None, ...], dtype: Any, name: str,
            kernel_init: Callable = nn.initializers.xavier_uniform(),
            bias_init: Callable = nn.initializers.zeros) -> nn.Dense:
   return nn.Dense(features, dtype=dtype, name=name,
-                  kernel_init=_boxed(kernel_init, names),
-                  bias_init=_boxed(bias_init, names[-1:]))
+                  kernel_init=common.boxed(kernel_init, names),
+                  bias_init=common.boxed(bias_init, names[-1:]))
 
 
 def _layernorm(eps: float, dtype: Any, name: str) -> nn.LayerNorm:
   # Flax LayerNorm computes its statistics in at least float32.
   return nn.LayerNorm(epsilon=eps, dtype=dtype, name=name,
-                      scale_init=_boxed(nn.initializers.ones, ('embed',)),
-                      bias_init=_boxed(nn.initializers.zeros, ('embed',)))
+                      scale_init=common.boxed(nn.initializers.ones, ('embed',)),
+                      bias_init=common.boxed(nn.initializers.zeros, ('embed',)))
 
 
 def posemb_sincos_2d(h: int, w: int, width: int, temperature: float = 10_000.0) -> jax.Array:
@@ -93,8 +90,8 @@ def resize_posemb(posemb: jax.Array | np.ndarray, new_grid_hw: Pair, num_prefix_
     if side * side != n:
       raise ValueError(f'{n} grid tokens are not a square grid; pass old_grid_hw')
     old_grid_hw = (side, side)
-  oh, ow = _pair(old_grid_hw)
-  nh, nw = _pair(new_grid_hw)
+  oh, ow = common.pair(old_grid_hw)
+  nh, nw = common.pair(new_grid_hw)
   if oh * ow != n:
     raise ValueError(f'old_grid_hw {(oh, ow)} does not match {n} grid tokens')
   if (oh, ow) == (nh, nw):
@@ -123,33 +120,6 @@ class MlpBlock(nn.Module):
     return _dense(width, ('mlp', 'embed'), self.dtype, 'fc2', bias_init=bias_init)(x)
 
 
-class Projection(nn.Module):
-  """`x @ kernel + bias` contracting the last `num_in` axes of x with kernel[in..., out...].
-
-  Used instead of nn.DenseGeneral, whose flat-then-reshape initialisation applies the
-  (n-D) logical sharding constraint to a 2-D array and fails under an active mesh.
-  """
-  out_shape: tuple[int, ...]
-  kernel_axes: tuple[str | None, ...]
-  num_in: int = 1
-  use_bias: bool = True
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    n_in, n_out = self.num_in, len(self.out_shape)
-    init = nn.initializers.xavier_uniform(in_axis=tuple(range(n_in)),
-                                          out_axis=tuple(range(n_in, n_in + n_out)))
-    kernel = self.param('kernel', _boxed(init, self.kernel_axes),
-                        tuple(x.shape[-n_in:]) + tuple(self.out_shape))
-    y = jnp.tensordot(x.astype(self.dtype), kernel.astype(self.dtype), axes=n_in)
-    if self.use_bias:
-      bias = self.param('bias', _boxed(nn.initializers.zeros, self.kernel_axes[n_in:]),
-                        tuple(self.out_shape))
-      y = y + bias.astype(self.dtype)
-    return y
-
-
 class Attention(nn.Module):
   """Multi-head attention with separate per-head q/k/v projections (shardable over heads)."""
   num_heads: int
@@ -162,15 +132,15 @@ class Attention(nn.Module):
     if width % self.num_heads:
       raise ValueError(f'width {width} is not divisible by num_heads {self.num_heads}')
     head_dim = width // self.num_heads
-    proj = lambda name: Projection((self.num_heads, head_dim), ('embed', 'heads', 'head_dim'),
-                                   use_bias=self.qkv_bias, dtype=self.dtype, name=name)
+    proj = lambda name: common.Projection((self.num_heads, head_dim), ('embed', 'heads', 'head_dim'),
+                                          use_bias=self.qkv_bias, dtype=self.dtype, name=name)
     q, k, v = proj('query')(x_q), proj('key')(x_kv), proj('value')(x_kv)
     logits = jnp.einsum('...qhd,...khd->...hqk', q * head_dim**-0.5, k)
     # Softmax in float32 even for bfloat16 compute.
     weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
     out = jnp.einsum('...hqk,...khd->...qhd', weights, v)
-    return Projection((width,), ('heads', 'head_dim', 'embed'), num_in=2, dtype=self.dtype,
-                      name='out')(out)
+    return common.Projection((width,), ('heads', 'head_dim', 'embed'), num_in=2, dtype=self.dtype,
+                             name='out')(out)
 
 
 class EncoderBlock(nn.Module):
@@ -238,7 +208,7 @@ class MAPHead(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    init = _boxed(nn.initializers.normal(POS_EMBED_STD), (None, None, 'embed'))
+    init = common.boxed(nn.initializers.normal(POS_EMBED_STD), (None, None, 'embed'))
     probe = self.param('probe', init, (1, 1, x.shape[-1]))
     probe = jnp.broadcast_to(probe.astype(x.dtype), (x.shape[0], 1, x.shape[-1]))
     x = Attention(self.num_heads, self.qkv_bias, self.dtype, name='attn')(probe, x)
@@ -299,7 +269,7 @@ class Model(nn.Module):
         dims[key] = getattr(self, key)
       if key not in dims:
         raise ValueError(f'ViT needs {key!r}: set it or pick a variant such as "B/16".')
-    dims['patch_size'] = _pair(dims['patch_size'])
+    dims['patch_size'] = common.pair(dims['patch_size'])
     return dims
 
   @nn.compact
@@ -313,14 +283,14 @@ class Model(nn.Module):
       raise ValueError(f'Image size {images.shape[1:3]} is not divisible by patch size {(ph, pw)}')
 
     x = nn.Conv(width, (ph, pw), strides=(ph, pw), padding='VALID', dtype=dtype, name='embedding',
-                kernel_init=_boxed(nn.initializers.lecun_normal(), (None, None, None, 'embed')),
-                bias_init=_boxed(nn.initializers.zeros, ('embed',)))(images)
+                kernel_init=common.boxed(nn.initializers.lecun_normal(), (None, None, None, 'embed')),
+                bias_init=common.boxed(nn.initializers.zeros, ('embed',)))(images)
     b, gh, gw, _ = x.shape
     x = x.reshape(b, gh * gw, width)
 
     num_prefix = 0
     if self.pool_type == 'tok':
-      cls = self.param('cls', _boxed(nn.initializers.zeros, (None, None, 'embed')), (1, 1, width))
+      cls = self.param('cls', common.boxed(nn.initializers.zeros, (None, None, 'embed')), (1, 1, width))
       x = jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), (b, 1, width)), x], axis=1)
       num_prefix = 1
 
@@ -364,8 +334,8 @@ class Model(nn.Module):
   def _learned_posemb(self, gh: int, gw: int, num_prefix: int, width: int) -> jax.Array:
     hint = (f"resize it with resize_posemb(params['pos_embedding'], {(gh, gw)}, "
             f'num_prefix_tokens={num_prefix})')
-    if self.posemb_grid is not None and _pair(self.posemb_grid) != (gh, gw):
-      raise ValueError(f'Input patch grid {(gh, gw)} != posemb_grid {_pair(self.posemb_grid)} '
+    if self.posemb_grid is not None and common.pair(self.posemb_grid) != (gh, gw):
+      raise ValueError(f'Input patch grid {(gh, gw)} != posemb_grid {common.pair(self.posemb_grid)} '
                        f'of the learned position embedding; {hint} and set posemb_grid.')
     n = num_prefix + gh * gw
     if self.has_variable('params', 'pos_embedding'):
@@ -373,8 +343,8 @@ class Model(nn.Module):
       if have[1] != n:
         raise ValueError(f'pos_embedding has {have[1]} tokens but input patch grid {(gh, gw)} '
                          f'needs {n}; {hint}.')
-    return self.param('pos_embedding', _boxed(nn.initializers.normal(POS_EMBED_STD),
-                                              (None, None, 'embed')), (1, n, width))
+    init = common.boxed(nn.initializers.normal(POS_EMBED_STD), (None, None, 'embed'))
+    return self.param('pos_embedding', init, (1, n, width))
 
 
 def forward_flops(model_kwargs: Mapping[str, Any], input_shape: tuple[int, ...]) -> float:
@@ -409,203 +379,84 @@ def forward_flops(model_kwargs: Mapping[str, Any], input_shape: tuple[int, ...])
 
 def param_count(model_kwargs: Mapping[str, Any], image_hw: Pair = (224, 224)) -> int:
   """Number of parameters, computed abstractly with jax.eval_shape (no memory)."""
-  h, w = _pair(image_hw)
+  h, w = common.pair(image_hw)
   return common.count_params(Model(**model_kwargs), (1, h, w, 3))
 
 
 def stack_layers(params: Params) -> Params:
   """Converts scan=False params (encoder/block_{i}) to scan=True (encoder/blocks, stacked)."""
-  enc = dict(params['encoder'])
-  blocks = [enc.pop(f'block_{i}') for i in range(sum(k.startswith('block_') for k in enc))]
-  enc['blocks'] = jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *blocks)
-  return {**params, 'encoder': enc}
+  return {**params, 'encoder': common.stack_layers(params['encoder'], 'block_', 'blocks')}
 
 
 def unstack_layers(params: Params) -> Params:
   """Converts scan=True params (encoder/blocks, stacked) to scan=False (encoder/block_{i})."""
-  enc = dict(params['encoder'])
-  stacked = enc.pop('blocks')
-  depth = jax.tree.leaves(stacked)[0].shape[0]
-  for i in range(depth):
-    enc[f'block_{i}'] = jax.tree.map(lambda x: np.asarray(x[i]), stacked)
-  return {**params, 'encoder': enc}
+  return {**params, 'encoder': common.unstack_layers(params['encoder'], 'block_', 'blocks')}
 
 
-class _Reader:
-  """Pops float32 numpy arrays from a state dict and reports keys never read."""
-
-  def __init__(self, state_dict: Mapping[str, Any], source: str):
-    self.sd = dict(state_dict)
-    self.source = source
-
-  def __contains__(self, key: str) -> bool:
-    return key in self.sd
-
-  def __call__(self, key: str) -> np.ndarray:
-    # np.asarray also accepts CPU torch tensors without importing torch here.
-    return np.asarray(self.sd.pop(key), dtype=np.float32)
-
-  def linear(self, prefix: str) -> dict[str, np.ndarray]:
-    """torch Linear (out, in) -> Dense {'kernel': (in, out), 'bias'}."""
-    return {'kernel': self(f'{prefix}.weight').T, 'bias': self(f'{prefix}.bias')}
-
-  def layernorm(self, prefix: str) -> dict[str, np.ndarray]:
-    return {'scale': self(f'{prefix}.weight'), 'bias': self(f'{prefix}.bias')}
-
-  def patch_embed(self, prefix: str) -> dict[str, np.ndarray]:
-    # torch Conv2d (out, in, kh, kw) -> flax Conv (kh, kw, in, out).
-    kernel = self(f'{prefix}.weight').transpose(2, 3, 1, 0)
-    return {'kernel': kernel, 'bias': self(f'{prefix}.bias')}
-
-  def done(self) -> None:
-    if self.sd:
-      raise ValueError(f'Unsupported {self.source} weights (not a plain ViT): {sorted(self.sd)}')
+def _shapes_by_path(tree: Any) -> dict[str, tuple[int, ...]]:
+  leaves = jax.tree_util.tree_flatten_with_path(nn.meta.unbox(tree))[0]
+  return {'/'.join(str(getattr(k, 'key', k)) for k in path): tuple(np.shape(x)) for path, x in leaves}
 
 
-def _heads(dense: dict[str, np.ndarray], num_heads: int) -> dict[str, np.ndarray]:
-  """Dense (in, heads*hd) -> DenseGeneral (in, heads, hd)."""
-  d_in, d_out = dense['kernel'].shape
-  out = {'kernel': dense['kernel'].reshape(d_in, num_heads, d_out // num_heads)}
-  if 'bias' in dense:
-    out['bias'] = dense['bias'].reshape(num_heads, d_out // num_heads)
-  return out
+def adapt_params(params: Params, target_shapes: Any, model_kwargs: Mapping[str, Any], *,
+                 source_grid_hw: Pair | None = None) -> Params:
+  """Fits the params of a trained ViT to a model of the same architecture at another resolution.
 
-
-def _out_proj(dense: dict[str, np.ndarray], num_heads: int) -> dict[str, np.ndarray]:
-  """Dense (heads*hd, out) -> DenseGeneral (heads, hd, out)."""
-  d_in, d_out = dense['kernel'].shape
-  return {'kernel': dense['kernel'].reshape(num_heads, d_in // num_heads, d_out),
-          'bias': dense['bias']}
-
-
-def _grid(n: int, grid_hw: Pair | None) -> tuple[int, int]:
-  if grid_hw is not None:
-    return _pair(grid_hw)
-  side = math.isqrt(n)
-  if side * side != n:
-    raise ValueError(f'{n} position tokens are not a square grid; pass grid_hw')
-  return side, side
-
-
-def _block(r: '_Reader', attn: Params, ln1: str, ln2: str, mlp: str) -> Params:
-  return {'ln1': r.layernorm(ln1), 'attn': attn, 'ln2': r.layernorm(ln2),
-          'mlp': {'fc1': r.linear(f'{mlp}.fc1'), 'fc2': r.linear(f'{mlp}.fc2')}}
-
-
-def _head(r: '_Reader', name: str, params: Params) -> int:
-  """Reads the classifier `name` into params['head'] if present; returns the class count (0 if not)."""
-  if f'{name}.weight' not in r:
-    return 0
-  params['head'] = r.linear(name)
-  return params['head']['kernel'].shape[1]
-
-
-def _finish(kwargs: dict[str, Any], params: Params, scan: bool) -> tuple[dict[str, Any], Params]:
-  kwargs['scan'] = scan
-  return kwargs, stack_layers(params) if scan else params
-
-
-def from_timm(state_dict: Mapping[str, Any], num_heads: int, *, grid_hw: Pair | None = None,
-              scan: bool = False) -> tuple[dict[str, Any], Params]:
-  """Converts a timm `VisionTransformer` state dict (numpy arrays) to (model_kwargs, params).
-
-  Supports the classic layout: optional class token (pool 'tok' if present, else
-  'gap' — timm's 'avg' pool without fc_norm), learned `pos_embed` covering the class
-  token, optional legacy `pre_logits.fc`. Other timm features (fc_norm, register
-  tokens, layer scale, qk-norm, ...) raise. `grid_hw` gives the posemb patch grid;
-  by default it is assumed square.
+  `target_shapes` is the target model's abstract parameter tree (jax.ShapeDtypeStruct
+  leaves, e.g. `common.abstract_params(Model(**model_kwargs), (1, h, w, 3))`) and
+  `model_kwargs` its kwargs. The learned `pos_embedding` is resized to the target's
+  patch grid with `resize_posemb` (class token kept as it is); every other entry is
+  returned unchanged. The target grid is `posemb_grid` if set, else square; the source
+  grid is `source_grid_hw` if given, else square. Raises ValueError if anything other
+  than the position embedding differs (in shape or in tree structure, e.g. scan=True
+  against scan=False params: convert those with stack_layers / unstack_layers first).
+  This is the hook a run loader calls (`getattr(models_module, 'adapt_params', None)`)
+  when a checkpoint's shapes differ from the model's.
   """
-  r = _Reader(state_dict, 'timm')
-  params: Params = {'embedding': r.patch_embed('patch_embed.proj')}
-  ph, pw, _, width = params['embedding']['kernel'].shape
-  has_cls = 'cls_token' in r
-  if has_cls:
-    params['cls'] = r('cls_token')
-  params['pos_embedding'] = r('pos_embed')
-  num_prefix = int(has_cls)
-  gh, gw = _grid(params['pos_embedding'].shape[1] - num_prefix, grid_hw)
+  have, want = _shapes_by_path(params), _shapes_by_path(target_shapes)
+  resizable = lambda k: k == 'pos_embedding' and k in have and k in want
+  differ = sorted(k for k in have.keys() | want.keys() if not resizable(k) and have.get(k) != want.get(k))
+  if differ:
+    scanned = lambda shapes: any(k.startswith('encoder/blocks/') for k in shapes)
+    if scanned(have) != scanned(want):
+      raise ValueError(f'ViT params are in the scan={scanned(have)} layout, the target model in scan='
+                       f'{scanned(want)}; convert them with stack_layers / unstack_layers first.')
+    shown = ', '.join(f'{k} {have.get(k, "missing")} vs {want.get(k, "missing")}' for k in differ[:3])
+    more = f' (and {len(differ) - 3} more)' if len(differ) > 3 else ''
+    raise ValueError(f'ViT params differ from the target model beyond the position embedding '
+                     f'(checkpoint vs target): {shown}{more}; only the patch grid may change.')
+  if 'pos_embedding' not in want or have['pos_embedding'] == want['pos_embedding']:
+    return params
 
-  enc: Params = {}
-  depth = 0
-  while f'blocks.{depth}.norm1.weight' in r:
-    p = f'blocks.{depth}'
-    qkv_w = r(f'{p}.attn.qkv.weight')
-    qkv_b = r(f'{p}.attn.qkv.bias') if f'{p}.attn.qkv.bias' in r else None
-    attn = {}
-    for j, name in enumerate(('query', 'key', 'value')):
-      dense = {'kernel': qkv_w[j * width:(j + 1) * width].T}
-      if qkv_b is not None:
-        dense['bias'] = qkv_b[j * width:(j + 1) * width]
-      attn[name] = _heads(dense, num_heads)
-    attn['out'] = _out_proj(r.linear(f'{p}.attn.proj'), num_heads)
-    enc[f'block_{depth}'] = _block(r, attn, f'{p}.norm1', f'{p}.norm2', f'{p}.mlp')
-    depth += 1
-  enc['ln_final'] = r.layernorm('norm')
-  params['encoder'] = enc
-  mlp_dim = enc['block_0']['mlp']['fc1']['kernel'].shape[1]
+  old, new = have['pos_embedding'], want['pos_embedding']
+  if old[0] != new[0] or old[2] != new[2]:
+    raise ValueError(f'pos_embedding {old} vs target {new}: only the token count may differ.')
+  model = Model(**model_kwargs)
+  num_prefix = int(model.pool_type == 'tok')  # the class token comes first, with its own embedding
 
-  representation_size = None
-  if 'pre_logits.fc.weight' in r:
-    params['pre_logits'] = r.linear('pre_logits.fc')
-    representation_size = params['pre_logits']['kernel'].shape[1]
-  num_classes = _head(r, 'head', params)
-  r.done()
+  def grid(n: int, grid_hw: Pair | None, what: str) -> tuple[int, int]:
+    if grid_hw is not None:
+      gh, gw = common.pair(grid_hw)
+    else:
+      gh = gw = math.isqrt(n)
+    if gh * gw != n:
+      raise ValueError(f'the {what} pos_embedding has {n} grid tokens, not a '
+                       f'{"square" if grid_hw is None else f"{gh}x{gw}"} grid; '
+                       f'set {"source_grid_hw" if what == "checkpoint" else "posemb_grid"}.')
+    return gh, gw
 
-  kwargs = dict(
-      num_classes=num_classes, width=width, depth=depth, mlp_dim=mlp_dim, num_heads=num_heads,
-      patch_size=(ph, pw), posemb='learn', posemb_grid=(gh, gw),
-      pool_type='tok' if has_cls else 'gap', representation_size=representation_size,
-      layernorm_epsilon=1e-6, gelu_approximate=False, qkv_bias=qkv_b is not None)
-  return _finish(kwargs, params, scan)
+  old_grid = grid(old[1] - num_prefix, source_grid_hw, 'checkpoint')
+  new_grid = grid(new[1] - num_prefix, model.posemb_grid, 'target')
+  posemb = params['pos_embedding']
+  resized = resize_posemb(posemb, new_grid, num_prefix, old_grid_hw=old_grid)
+  if isinstance(posemb, np.ndarray):  # host arrays stay host arrays
+    resized = np.asarray(resized)
+  return {**params, 'pos_embedding': resized}
 
 
-_HF_GELU_APPROXIMATE = {'gelu': False, 'gelu_new': True, 'gelu_pytorch_tanh': True,
-                        'gelu_fast': True}
-
-
-def from_hf(hf_config: Mapping[str, Any], state_dict: Mapping[str, Any], *,
-            scan: bool = False) -> tuple[dict[str, Any], Params]:
-  """Converts HF transformers 5.x `ViTForImageClassification` (or `ViTModel`) weights.
-
-  `hf_config` is `config.to_dict()`. Logits come from the final-LayerNorm'ed class
-  token through `classifier`; HF's tanh `pooler` (only in `ViTModel`, unused for
-  classification) is dropped. Without a classifier num_classes is 0 (features).
-  """
-  act = hf_config.get('hidden_act', 'gelu')
-  if act not in _HF_GELU_APPROXIMATE:
-    raise ValueError(f'Unsupported HF hidden_act {act!r}; supported: {list(_HF_GELU_APPROXIMATE)}')
-  num_heads = int(hf_config['num_attention_heads'])
-  prefix = 'vit.' if any(k.startswith('vit.') for k in state_dict) else ''
-  r = _Reader({k: v for k, v in state_dict.items() if not k.startswith(f'{prefix}pooler.')}, 'HF')
-  emb = f'{prefix}embeddings'
-  params: Params = {'embedding': r.patch_embed(f'{emb}.patch_embeddings.projection'),
-                    'cls': r(f'{emb}.cls_token'),
-                    'pos_embedding': r(f'{emb}.position_embeddings')}
-  ph, pw = _pair(hf_config.get('patch_size', 16))
-  ih, iw = _pair(hf_config.get('image_size', 224))
-
-  qkv_bias = bool(hf_config.get('qkv_bias', True))
-  enc: Params = {}
-  depth = int(hf_config['num_hidden_layers'])
-  for i in range(depth):
-    p = f'{prefix}layers.{i}'
-    attn = {}
-    for name, hf_name in (('query', 'q_proj'), ('key', 'k_proj'), ('value', 'v_proj')):
-      dense = {'kernel': r(f'{p}.attention.{hf_name}.weight').T}
-      if qkv_bias:
-        dense['bias'] = r(f'{p}.attention.{hf_name}.bias')
-      attn[name] = _heads(dense, num_heads)
-    attn['out'] = _out_proj(r.linear(f'{p}.attention.o_proj'), num_heads)
-    enc[f'block_{i}'] = _block(r, attn, f'{p}.layernorm_before', f'{p}.layernorm_after', f'{p}.mlp')
-  enc['ln_final'] = r.layernorm(f'{prefix}layernorm')
-  params['encoder'] = enc
-  num_classes = _head(r, 'classifier', params)
-  r.done()
-
-  kwargs = dict(
-      num_classes=num_classes, width=int(hf_config['hidden_size']), depth=depth,
-      mlp_dim=int(hf_config['intermediate_size']), num_heads=num_heads, patch_size=(ph, pw),
-      posemb='learn', posemb_grid=(ih // ph, iw // pw), pool_type='tok',
-      representation_size=None, layernorm_epsilon=float(hf_config.get('layer_norm_eps', 1e-12)),
-      gelu_approximate=_HF_GELU_APPROXIMATE[act], qkv_bias=qkv_bias)
-  return _finish(kwargs, params, scan)
+def __getattr__(name: str) -> Any:
+  # The timm / HF converters live in models/vit_weights.py; imported on first use (no import cycle).
+  if name in ('from_timm', 'from_hf'):
+    from models import vit_weights
+    return getattr(vit_weights, name)
+  raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

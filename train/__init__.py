@@ -1,6 +1,10 @@
-"""The one training loop shared by every model: mesh sharding, tasks, optimizers, checkpoints, metrics."""
+"""The one training loop shared by every model: mesh sharding, tasks, optimizers, checkpoints, metrics.
 
-# Exit status of `python -m train` (and train.sweep) stopped by a preemption notice after saving: sysexits'
-# EX_TEMPFAIL, so that a restart loop (train.launch's) runs the same command again to resume. Here, not in
-# __main__, so that the launcher can import it without defining that CLI's flags.
-PREEMPTED_EXIT = 75
+The compute-budget study (sweep, analysis, scaling fits) lives in train/study/, the tools (pod launcher,
+weight import/export, sampling) in train/tools/; `python -m train.NAME` runs each through train/NAME.py.
+"""
+
+# Exit status of `python -m train` (and train.sweep) stopped by a preemption notice after saving, so that a
+# restart loop (train.launch's) runs the same command again to resume; defined with the other exit statuses
+# in train/cli.py, and importable here without defining any command's flags.
+from train.cli import PREEMPTED_EXIT  # noqa: F401

@@ -84,27 +84,3 @@ def save_params(directory: str, params) -> None:
   """Writes a parameters-only checkpoint (numpy or jax leaves) to DIRECTORY/params."""
   with ocp.StandardCheckpointer() as checkpointer:
     checkpointer.save(os.path.join(paths.absolute(directory), 'params'), params, force=True)
-
-
-def restore_params(path: str, abstract_params, *, step: int | None = None, key: str = 'params'):
-  """Parameters only, into the shapes, dtypes (cast on read) and shardings of `abstract_params`.
-
-  `path` is a directory written by `python -m train.convert import` (PATH/params) or a training workdir
-  (its latest checkpoint's state[key], or `step`'s; the optimizer state is never read).
-  """
-  path = paths.absolute(path)
-  if epath.Path(path, 'params').is_dir():
-    with ocp.StandardCheckpointer() as checkpointer:
-      return checkpointer.restore(os.path.join(path, 'params'), abstract_params)
-  directory = os.path.join(path, 'checkpoints')
-  if not epath.Path(directory).is_dir():
-    raise FileNotFoundError(f'{path} has neither params/ (an imported model) nor checkpoints/ (a training '
-                            'workdir); point at one of those.')
-  with ocp.CheckpointManager(directory) as manager:
-    step = manager.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f'no checkpoint under {directory}: train first.')
-    target = {key: abstract_params}
-    args = ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-                                  partial_restore=True)
-    return manager.restore(step, args=ocp.args.Composite(state=args))['state'][key]

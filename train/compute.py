@@ -1,7 +1,8 @@
 """Compute accounting: analytic training FLOPs, hardware peaks, core-hours, utilisation and budgets.
 
-Training FLOPs per example are 3 x the model's analytic forward FLOPs (forward, and a backward pass of twice
-the forward), from `models.<model_name>.forward_flops(model_kwargs, input_shape)`. A core is what a budget is
+Training FLOPs per example are what the run's objective says they cost given the model's analytic forward
+FLOPs, `models.<model_name>.forward_flops(model_kwargs, input_shape)`, and the adapter's trainable share of the
+parameters: 3 x forward for plain training (a forward, and a backward pass of twice the forward). A core is what a budget is
 counted in: a TensorCore on TPUs (a v4 or v5p chip has two and shows up in JAX as one device), a whole GPU,
 and one JAX device on CPU.
 
@@ -12,7 +13,6 @@ and one JAX device on CPU.
       only give the printed estimate of the cost.
 """
 import functools
-import importlib
 import math
 import statistics
 import time
@@ -20,6 +20,8 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+
+from train import adapters, build, objectives
 
 # Dense bf16 peak FLOP/s per core, from the vendors' spec sheets (per chip: v4 275T, v5e 197T, v5p 459T,
 # v6e 918T; H100 SXM 989T without sparsity). 'cpu' is measured at start (float32 matmul).
@@ -89,17 +91,30 @@ def estimated_core_hours(flops: float, hardware: str, mfu: float = 1.0) -> float
   return flops / (peak_flops(hardware) * mfu) / 3600.0
 
 
-def _model_kwargs(config) -> dict[str, Any]:
-  return config.model.to_dict() if hasattr(config.model, 'to_dict') else dict(config.model)
+def trainable_fraction(config, input_shape: tuple[int, ...]) -> float:
+  """The share of the model's parameters that config.adapter trains (1 without an adapter); abstract, no memory."""
+  adapter = adapters.make_adapter(config.get('adapter'))
+  if isinstance(adapter, adapters.NoAdapter):
+    return 1.0
+  objective = objectives.make_objective(config.task)
+  example = objective.example_input(objective.synthetic_batch(config, 1, tuple(input_shape)))
+  model = build.build_model(config)
+  boxed = jax.eval_shape(lambda: model.init({'params': jax.random.key(0)}, example)['params'])
+  return adapters.trainable_fraction(adapter, boxed)
 
 
-def train_flops_per_example(config, input_shape: tuple[int, ...]) -> float:
-  """3 x models.<model_name>.forward_flops(config.model, input_shape); input_shape excludes the batch."""
-  module = importlib.import_module(f'models.{config.model_name}')
+def train_flops_per_example(config, input_shape: tuple[int, ...], fraction: float | None = None) -> float:
+  """The objective's training FLOPs of one example of `input_shape` (no batch axis), from the model's analytic
+  forward FLOPs and the adapter's trainable share of the parameters (`fraction`; computed when None)."""
+  module = build.model_module(config)
   if not hasattr(module, 'forward_flops'):
     raise ValueError(f'models.{config.model_name} has no forward_flops(model_kwargs, input_shape); add one '
                      'for compute accounting.')
-  return 3.0 * module.forward_flops(_model_kwargs(config), tuple(input_shape))
+  objective = objectives.make_objective(config.task)
+  forward = module.forward_flops(build.model_kwargs(config), tuple(input_shape))
+  if fraction is None:
+    fraction = trainable_fraction(config, input_shape)
+  return objective.train_flops_per_example(forward, fraction)
 
 
 def measured_train_flops(lowered_step, config) -> float | None:
@@ -164,7 +179,8 @@ def _budget(config) -> dict[str, Any]:
   return budget
 
 
-def resolve_budget(config, *, num_train_examples: int | None, input_shape: tuple[int, ...]) -> int:
+def resolve_budget(config, *, num_train_examples: int | None, input_shape: tuple[int, ...],
+                   flops_per_example: float | None = None) -> int:
   """total_steps that config.budget buys (see the module docstring); ValueError on a bad budget."""
   budget = _budget(config)
   if 'epochs' in budget:
@@ -174,7 +190,8 @@ def resolve_budget(config, *, num_train_examples: int | None, input_shape: tuple
     steps = budget['epochs'] * num_train_examples / config.batch_size
     return max(1, math.ceil(steps - 1e-9))  # An epochs value rounded in float still gives its whole steps.
   affordable = budget['core_hours'] * 3600.0 * peak_flops(budget['hardware']) * budget['mfu']
-  return max(1, math.floor(affordable / (train_flops_per_example(config, input_shape) * config.batch_size)))
+  flops_per_example = flops_per_example or train_flops_per_example(config, input_shape)
+  return max(1, math.floor(affordable / (flops_per_example * config.batch_size)))
 
 
 def budget_summary(config, total_steps: int, *, num_train_examples: int | None, flops_per_example: float,

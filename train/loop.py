@@ -1,11 +1,14 @@
 """The training loop: config -> mesh and rules -> sharded state -> jitted steps -> metrics, eval, checkpoints.
 
-It knows no particular model or task: `config.model_name` names a module under models/ (its `Model` class is
-built with `config.model`), `config.task.name` a task in train/tasks.py, `config.data` an input pipeline.
+It knows no particular model, objective or method: `config.model_name` names a module under models/ (its `Model`
+class is built with `config.model`), `config.task.name` an objective in train/objectives.py, `config.adapter.name`
+an adapter in train/adapters.py (what trains and what stays frozen), `config.data` an input pipeline.
+
+Frozen trees: the adapter's `base`, and each tree the objective needs (`objective.frozen_needs`), which
+`config.frozen` provides by name: `'init'` (the run's initial parameters: init_params, or the seeded init) or
+the path of an imported model or a workdir. They are rebuilt at every start, fresh or resumed, and never saved.
 """
-import importlib
 import json
-import pkgutil
 import signal
 import threading
 from typing import Any
@@ -18,29 +21,16 @@ import ml_collections
 import numpy as np
 
 from data import pipeline
+from train import adapters, compute, objectives, runs, sharding
 from train import checkpoint as checkpoint_lib
-from train import compute
 from train import metrics as metrics_lib
-from train import sharding, tasks
+from train import state as state_lib
 from train import steps as steps_lib
+from train.build import build_model  # noqa: F401 - `loop.build_model` is public
 
 REQUIRED_FIELDS = ('model_name', 'model', 'task', 'batch_size', 'total_steps', 'seed', 'log_every_steps',
                    'eval_every_steps', 'checkpoint_every_steps', 'mesh', 'optimizer', 'schedule', 'data',
                    'sharding_rules')
-
-
-def build_model(config):
-  """models.<model_name>.Model(**config.model)."""
-  import models
-  available = sorted(m.name for m in pkgutil.iter_modules(models.__path__))
-  if config.model_name not in available:
-    raise ValueError(f'model_name={config.model_name!r} is not a module under models/; choose one of {available}.')
-  module = importlib.import_module(f'models.{config.model_name}')
-  kwargs = config.model.to_dict() if isinstance(config.model, ml_collections.ConfigDict) else dict(config.model)
-  try:
-    return module.Model(**kwargs)
-  except TypeError as e:
-    raise ValueError(f'config.model does not fit models.{config.model_name}.Model: {e}') from None
 
 
 def check_config(config, num_devices: int, process_count: int) -> tuple[int, ...]:
@@ -59,7 +49,25 @@ def check_config(config, num_devices: int, process_count: int) -> tuple[int, ...
                        f'use a multiple of {data_parallel}.')
     if size % process_count:
       raise ValueError(f'{name}={size} is not divisible by the {process_count} processes.')
+  microbatches = config.get('microbatches') or 1
+  per_device = config.batch_size // data_parallel
+  if not isinstance(microbatches, int) or microbatches < 1 or per_device % microbatches:
+    raise ValueError(f'microbatches={microbatches!r} does not divide the per-device batch {per_device} '
+                     f'(batch_size={config.batch_size} over data*fsdp={data_parallel}); use a divisor of {per_device}.')
   return shape
+
+
+def frozen_sources(config, objective) -> dict[str, str]:
+  """config.frozen (name -> 'init' or a path) checked against what the objective needs."""
+  given = config.get('frozen') or {}
+  given = dict(given.to_dict() if hasattr(given, 'to_dict') else given)
+  missing = [n for n in objective.frozen_needs if not given.get(n)]
+  if missing:
+    raise ValueError(f'the {config.task.name!r} objective needs the frozen tree {missing[0]!r}; set '
+                     f"config.frozen.{missing[0]}='init' (the run's initial parameters) or a model directory.")
+  if state_lib.BASE in given:
+    raise ValueError(f'config.frozen.{state_lib.BASE} is the adapter\'s own frozen tree; name yours otherwise.')
+  return {n: str(v) for n, v in given.items() if v}
 
 
 class _StopFlag:
@@ -89,27 +97,18 @@ class _StopFlag:
       signal.signal(signal.SIGTERM, self._previous)
 
 
-def _initial_params(config, fns):
-  """config.init_params: parameters of an imported model (train.convert) or of another run's workdir.
-
-  Used when the run starts fresh; a resumed run restores its own checkpoint instead.
-  """
-  path = config.init_params
-  source_config = epath.Path(path, 'config.json')
-  if not source_config.exists():
-    raise FileNotFoundError(f'init_params={path!r} has no config.json: point it at a directory written by '
-                            '`python -m train.convert import` or a training workdir.')
-  source = json.loads(source_config.read_text())
-  ours = config.model.to_dict() if isinstance(config.model, ml_collections.ConfigDict) else dict(config.model)
-  # Compute options (dtype, remat, attention_impl, ...) may differ; anything shaping a parameter may not.
-  shaping = set(source.get('model', {})) & set(ours) - {'dtype', 'remat', 'attention_impl', 'block_size',
-                                                        'dropout', 'conv_impl'}
-  differ = {k: (source['model'][k], ours[k]) for k in sorted(shaping) if source['model'][k] != ours[k]}
-  if source.get('model_name') != config.model_name or differ:
-    raise ValueError(f'init_params={path!r} holds {source.get("model_name")} with {differ or "another model"} '
-                     '(theirs, ours); make config.model match it (or re-import with --scan to match scan).')
-  target = checkpoint_lib.abstract_with_shardings(fns.abstract_state['params'], fns.state_shardings['params'])
-  return checkpoint_lib.restore_params(path, target)
+def _initial_params(config, fns, source: str | None = None):
+  """The whole model's parameters a run starts from: `source` (or config.init_params: an imported model or
+  another run's workdir, its evaluated parameters) restored into this run's shardings, else the seeded init."""
+  path = config.get('init_params') if source in (None, 'init') else source
+  if not path:
+    return fns.init_params(fns.init_key)
+  theirs = runs.read_config(path)
+  if theirs.get('model_name') != config.model_name:
+    raise ValueError(f'{path} holds model_name={theirs.get("model_name")!r}, this run {config.model_name!r}; '
+                     'point init_params (or config.frozen) at a model of the same kind.')
+  target = checkpoint_lib.abstract_with_shardings(fns.abstract_params, fns.param_shardings)
+  return runs.restore_params(path, target)
 
 
 def _budgeted_steps_so_far(config, workdir: str) -> int | None:
@@ -132,7 +131,7 @@ class NonFiniteLossError(FloatingPointError):
 def train(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict[str, Any]:
   """Trains (or resumes) the run in `workdir` on `devices` (default: all).
 
-  Returns {'step', 'preempted', 'eval', 'state'}.
+  Returns {'step', 'preempted', 'eval', 'state', 'frozen'}.
   """
   devices = jax.devices() if devices is None else list(devices)
   process_index, process_count = jax.process_index(), jax.process_count()
@@ -140,25 +139,30 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict
   mesh = sharding.make_mesh(config.mesh, devices)
   rules = sharding.logical_rules(config.sharding_rules)
   model = build_model(config)
-  task = tasks.make_task(config.task)
+  objective = objectives.make_objective(config.task)
+  adapter = adapters.make_adapter(config.get('adapter'))
+  sources = frozen_sources(config, objective)
   eval_batch_size = config.get('eval_batch_size') or config.batch_size
 
   train_iter = pipeline.make_train_iter(config.data, global_batch_size=config.batch_size, seed=config.seed,
                                         process_index=process_index, process_count=process_count)
   eval_batches, num_eval = pipeline.make_eval_iter(config.data, global_batch_size=eval_batch_size,
                                                    process_index=process_index, process_count=process_count)
-  example = task.example_input(next(iter(eval_batches())))
+  example = objective.example_input(next(iter(eval_batches())))
+  # Recorded in each checkpoint: what the model was initialised on (the run loader rebuilds a seeded base).
+  example_spec = {'shape': list(example.shape), 'dtype': str(example.dtype)}
   # Training FLOPs count a training example, whose shape may differ from an eval one (224 vs 256 pixels):
   # peek at the first training batch and rewind the iterator, so the data order is untouched.
   position = train_iter.get_state()
-  input_shape = tuple(task.example_input(next(train_iter)).shape[1:])
+  input_shape = tuple(objective.example_input(next(train_iter)).shape[1:])
   train_iter.set_state(position)
   flops_per_example = compute.train_flops_per_example(config, input_shape)
   hardware = compute.run_hardware(config, devices)
   if config.get('budget'):  # Before the steps are built, so the schedule follows the budget.
     num_examples = pipeline.num_train_examples(config.data)
     config.total_steps = (_budgeted_steps_so_far(config, workdir) or
-                          compute.resolve_budget(config, num_train_examples=num_examples, input_shape=input_shape))
+                          compute.resolve_budget(config, num_train_examples=num_examples, input_shape=input_shape,
+                                                 flops_per_example=flops_per_example))
     if process_index == 0:
       print(compute.budget_summary(config, config.total_steps, num_train_examples=num_examples,
                                    flops_per_example=flops_per_example, hardware=hardware), flush=True)
@@ -172,24 +176,29 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict
   checkpointer = checkpoint_lib.Checkpointer(workdir, max_to_keep=config.get('checkpoints_to_keep', 3))
 
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    fns = steps_lib.build(config, mesh, rules, model, task, example)
+    fns = steps_lib.build(config, mesh, rules, model, objective, adapter, example, frozen_names=tuple(sources))
 
-    def evaluate(params) -> dict[str, float]:
+    def evaluate(trainable) -> dict[str, float]:
       sums = None
       for local in eval_batches():
-        out = fns.eval(params, sharding.global_batch(local, fns.batch_sharding))
+        out = fns.eval(trainable, frozen, sharding.global_batch(local, fns.batch_sharding))
         sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
       sums = jax.tree.map(lambda x: float(np.asarray(x, np.float64)), jax.device_get(sums))
       if int(sums['count']) != num_eval:
         raise RuntimeError(f'evaluation saw {int(sums["count"])} examples, expected {num_eval}.')
-      return task.eval_summary(sums)
+      return objective.eval_summary(sums)
 
     latest = checkpointer.latest_step()
-    if latest is None and config.get('init_params'):
-      state = fns.init_from_params(_initial_params(config, fns))
-      meta = {'core_hours': 0.0}
-    elif latest is None:
-      state = fns.init(fns.init_key)
+    # The frozen trees come from the initial parameters at every start; a fresh state from them too.
+    frozen, trainable = {}, None
+    if latest is None or state_lib.BASE in fns.frozen_shardings:
+      trainable, base = fns.split(_initial_params(config, fns))
+      if state_lib.BASE in fns.frozen_shardings:
+        frozen[state_lib.BASE] = base
+    for name, source in sources.items():  # Own buffers: a tree shared with the donated state would be freed.
+      frozen[name] = _initial_params(config, fns, source)
+    if latest is None:
+      state = fns.init_state(trainable)
       meta = {'core_hours': 0.0}
     else:
       target = checkpoint_lib.abstract_with_shardings(fns.abstract_state, fns.state_shardings)
@@ -205,7 +214,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict
     last_saved = latest
     eval_metrics: dict[str, float] = {}
     if step == 0 and config.get('eval_at_start'):  # The untrained (or imported) model's held-out numbers.
-      eval_metrics = evaluate(state['ema_params'] if fns.uses_ema else state['params'])
+      eval_metrics = evaluate(state_lib.evaluated(state))
       writer.write(0, eval_metrics)
       if process_index == 0:
         print('step 0 | ' + ' | '.join(f'{k} {v:.6g}' for k, v in eval_metrics.items()), flush=True)
@@ -225,16 +234,17 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict
     def save(at_step):
       nonlocal last_saved
       check_finite()
-      checkpointer.save(at_step, state, train_iter, {'core_hours': progress.core_hours()})
+      checkpointer.save(at_step, state, train_iter, {'core_hours': progress.core_hours(), 'example_input': example_spec})
       last_saved = at_step
 
     train_step = None
     once = {'compute/flops_per_example_analytic': flops_per_example,  # On the first logged line.
-            'compute/params': sum(x.size for x in jax.tree.leaves(fns.abstract_state['params']))}
+            'compute/params': adapters.num_elements(fns.abstract_params),
+            'compute/trainable_params': adapters.num_elements(fns.abstract_state['trainable'])}
 
     def compile_train_step(state, batch, learning_rate):
       """Compiles the train step ahead of time, once: XLA's FLOP count comes from the same lowering."""
-      lowered = fns.train.lower(state, batch, learning_rate)
+      lowered = fns.train.lower(state, frozen, batch, learning_rate)
       xla = compute.measured_train_flops(lowered, config)
       if xla is not None:
         once['compute/flops_per_example_xla'] = xla
@@ -257,7 +267,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict
           learning_rate = fns.learning_rates[step]
           if train_step is None:
             train_step = compile_train_step(state, batch, learning_rate)
-          state, step_metrics = train_step(state, batch, learning_rate)
+          state, step_metrics = train_step(state, frozen, batch, learning_rate)
           step += 1
           pending.append((step, step_metrics))
           is_last = step == config.total_steps
@@ -271,7 +281,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict
             once.clear()
             progress.line(step, logged['train/loss'], perf)
           if config.eval_every_steps and (step % config.eval_every_steps == 0 or is_last):
-            eval_metrics = evaluate(state['ema_params'] if fns.uses_ema else state['params'])
+            eval_metrics = evaluate(state_lib.evaluated(state))
             record.update(eval_metrics)
             if process_index == 0:
               print(f'step {step} | ' + ' | '.join(f'{k} {v:.6g}' for k, v in eval_metrics.items()), flush=True)
@@ -283,4 +293,4 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict
       checkpointer.wait()  # Good checkpoints still in flight are completed, also on errors.
       checkpointer.close()
 
-  return {'step': step, 'preempted': preempted, 'eval': eval_metrics, 'state': state}
+  return {'step': step, 'preempted': preempted, 'eval': eval_metrics, 'state': state, 'frozen': frozen}

@@ -1,11 +1,26 @@
-"""What a model trains on: a task turns (model, params, batch) into a loss and metrics.
+"""Objectives: what a run optimises, evaluates and pays for. The loop looks one up by `config.task.name`.
 
-The loop looks a task up by `config.task.name`; a new kind of experiment adds a task here, not a branch in
-the loop. Each task gives:
-  example_input(batch) -> the model input of one example (shapes for init);
-  loss(model, params, batch, rng, train) -> (scalar loss, dict of scalar metrics)
-  eval_sums(model, params, batch) -> dict of per-batch sums (masked), which the loop adds up over the split;
-  eval_summary(sums) -> the `eval/<name>` metrics.
+A new method is a new objective here (or an adapter, or a data format), never a branch in the loop or step.
+Each objective gives:
+  frozen_needs                 names of frozen parameter trees it reads besides the trainable ones (e.g.
+                               ('reference',)); the config provides each in `config.frozen` (see train/loop.py).
+  example_input(batch)         the model input of one example (shapes for init).
+  loss(model, params, frozen, batch, rng, train) -> (loss_sum, sums)
+                               the loss summed over the batch's units (examples, tokens, pairs) and additive
+                               sums that include 'weight', the number of those units. The step divides by the
+                               total weight, so micro-batches of any make-up add up to the full batch exactly.
+  train_summary(sums)          the `train/<name>` metrics of a step's summed `sums` (jnp, inside the step).
+  eval_sums(model, params, frozen, batch) -> per-batch sums (masked), added up over the split by the loop;
+  eval_summary(sums)           the `eval/<name>` metrics.
+  train_flops_per_example(forward_flops, trainable_fraction)
+                               analytic training FLOPs of one example given the model's forward FLOPs and the
+                               adapter's trainable share of the parameters: the compute accounting asks this.
+  synthetic_batch(config, batch_size, input_shape)
+                               a batch of random data in the shape the pipeline gives (for benchmarks), with
+  example_shape(image_size, channels, seq_len) the input shape of one example from a benchmark's sizes, and
+  unit                         what throughput counts: 'examples' or 'tokens' (tokens per example: the length).
+`params` are the model's whole parameters (the adapter has merged trainable and frozen parts); `frozen` is the
+dict of frozen trees by name.
 """
 from collections.abc import Mapping
 from typing import Any
@@ -16,8 +31,16 @@ import numpy as np
 import optax
 
 
+def backprop_flops(forward_flops: float, trainable_fraction: float) -> float:
+  """A forward pass and its backward: gradients of the activations (about one forward) and of the trained
+  weights (one forward's worth scaled by the trainable share): 3x forward when everything trains."""
+  return forward_flops * (2.0 + trainable_fraction)
+
+
 class Classification:
   """Softmax cross-entropy on images; labels are integer `label` or soft `labels` [b, classes]."""
+  frozen_needs: tuple[str, ...] = ()
+  unit = 'examples'
 
   def __init__(self, label_smoothing: float = 0.0, input_key: str = 'image'):
     self.label_smoothing = label_smoothing
@@ -34,15 +57,20 @@ class Classification:
       targets = jax.nn.one_hot(batch['label'], num_classes, dtype=jnp.float32)
     return optax.smooth_labels(targets, self.label_smoothing) if self.label_smoothing else targets
 
-  def loss(self, model, params, batch, rng, train: bool):
+  def loss(self, model, params, frozen, batch, rng, train: bool):
+    del frozen
     logits = model.apply({'params': params}, batch[self.input_key], train=train, rngs={'dropout': rng})
     logits = logits.astype(jnp.float32)
     targets = self._targets(batch, logits.shape[-1])
-    loss = optax.softmax_cross_entropy(logits, targets).mean()
-    accuracy = (logits.argmax(-1) == targets.argmax(-1)).mean()
-    return loss, {'train/accuracy': accuracy}
+    losses = optax.softmax_cross_entropy(logits, targets)
+    correct = (logits.argmax(-1) == targets.argmax(-1)).sum()
+    return losses.sum(), {'weight': jnp.float32(losses.shape[0]), 'correct': correct.astype(jnp.float32)}
 
-  def eval_sums(self, model, params, batch):
+  def train_summary(self, sums):
+    return {'train/accuracy': sums['correct'] / sums['weight']}
+
+  def eval_sums(self, model, params, frozen, batch):
+    del frozen
     logits = model.apply({'params': params}, batch[self.input_key], train=False).astype(jnp.float32)
     labels = batch['labels'].argmax(-1) if 'labels' in batch else batch['label']
     mask = batch['mask'].astype(jnp.float32)
@@ -54,43 +82,61 @@ class Classification:
     return {'eval/loss': sums['loss'] / sums['count'], 'eval/accuracy': sums['correct'] / sums['count'],
             'eval/examples': sums['count']}
 
+  def train_flops_per_example(self, forward_flops: float, trainable_fraction: float = 1.0) -> float:
+    return backprop_flops(forward_flops, trainable_fraction)
+
+  def example_shape(self, image_size: int, channels: int, seq_len: int) -> tuple[int, ...]:
+    del seq_len
+    return (image_size, image_size, channels)
+
+  def synthetic_batch(self, config, batch_size: int, input_shape: tuple[int, ...]) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    return {self.input_key: rng.standard_normal((batch_size, *input_shape), dtype=np.float32),
+            'label': rng.integers(0, config.model.num_classes, batch_size).astype(np.int32)}
+
 
 class LanguageModel:
-  """Next-token cross-entropy over packed rows of `tokens` with `segment_ids` and `positions`.
+  """Next-token cross-entropy over rows of `tokens` with `segment_ids` and `positions`, weighted per token.
 
-  Token t predicts token t+1 only inside one document: pairs that cross a segment boundary or touch padding
-  (segment 0) are masked, and the loss is the mean over the remaining tokens (token-weighted).
+  The data gives `targets` (the token each position predicts) and `loss_mask`, the per-token loss weight: the
+  packed-text pipeline sets it to 0 where a prediction would cross a document boundary or touch padding, a
+  chat pipeline to 0 on prompt tokens. The loss is the weighted mean over tokens (token-weighted).
   """
+  frozen_needs: tuple[str, ...] = ()
+  unit = 'tokens'
 
   def example_input(self, batch):
     return batch['tokens'][:1]
 
-  def _token_losses(self, model, params, batch, rng, train):
-    tokens, segments = batch['tokens'], batch['segment_ids']
-    logits = model.apply({'params': params}, tokens, segment_ids=segments, positions=batch['positions'],
-                         **({'rngs': {'dropout': rng}} if rng is not None else {}))
-    logits = logits[:, :-1].astype(jnp.float32)
-    targets = tokens[:, 1:]
-    mask = (segments[:, 1:] == segments[:, :-1]) & (segments[:, 1:] != 0)
+  def _token_losses(self, model, params, batch, rng):
+    logits = model.apply({'params': params}, batch['tokens'], segment_ids=batch['segment_ids'],
+                         positions=batch['positions'], **({'rngs': {'dropout': rng}} if rng is not None else {}))
+    logits = logits.astype(jnp.float32)
+    targets = batch['targets']
+    weights = batch['loss_mask'].astype(jnp.float32)
     if 'mask' in batch:  # Eval padding rows.
-      mask = mask & batch['mask'][:, None]
+      weights = weights * batch['mask'][:, None]
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
     correct = logits.argmax(-1) == targets
-    return losses, correct, mask.astype(jnp.float32)
+    return losses, correct, weights
 
-  def loss(self, model, params, batch, rng, train: bool):
-    losses, correct, mask = self._token_losses(model, params, batch, rng, train)
-    count = jnp.maximum(mask.sum(), 1.0)
-    return (losses * mask).sum() / count, {'train/accuracy': (correct * mask).sum() / count,
-                                           'train/tokens': mask.sum()}
+  def loss(self, model, params, frozen, batch, rng, train: bool):
+    del frozen, train
+    losses, correct, weights = self._token_losses(model, params, batch, rng)
+    return (losses * weights).sum(), {'weight': weights.sum(), 'correct': (correct * weights).sum()}
 
-  def eval_sums(self, model, params, batch):
-    losses, correct, mask = self._token_losses(model, params, batch, None, False)
+  def train_summary(self, sums):
+    count = jnp.maximum(sums['weight'], 1.0)
+    return {'train/accuracy': sums['correct'] / count, 'train/tokens': sums['weight']}
+
+  def eval_sums(self, model, params, frozen, batch):
+    del frozen
+    losses, correct, weights = self._token_losses(model, params, batch, None)
     real = batch['segment_ids'] != 0
     if 'mask' in batch:
       real = real & batch['mask'][:, None]
-    # 'count' is every real token seen (the loop checks it against the split), 'predicted' the scored pairs.
-    return {'loss': (losses * mask).sum(), 'correct': (correct * mask).sum(), 'predicted': mask.sum(),
+    # 'count' is every real token seen (the loop checks it against the split), 'predicted' the scored ones.
+    return {'loss': (losses * weights).sum(), 'correct': (correct * weights).sum(), 'predicted': weights.sum(),
             'count': real.sum().astype(jnp.float32)}
 
   def eval_summary(self, sums: Mapping[str, float]) -> dict[str, float]:
@@ -98,13 +144,41 @@ class LanguageModel:
     return {'eval/loss': loss, 'eval/perplexity': float(np.exp(loss)),
             'eval/accuracy': sums['correct'] / max(sums['predicted'], 1.0), 'eval/tokens': sums['predicted']}
 
+  def train_flops_per_example(self, forward_flops: float, trainable_fraction: float = 1.0) -> float:
+    return backprop_flops(forward_flops, trainable_fraction)
 
-TASKS = {'classification': Classification, 'language_model': LanguageModel}
+  def example_shape(self, image_size: int, channels: int, seq_len: int) -> tuple[int, ...]:
+    del image_size, channels
+    return (seq_len,)
+
+  def synthetic_batch(self, config, batch_size: int, input_shape: tuple[int, ...]) -> dict[str, np.ndarray]:
+    """Random tokens, one document filling each row (the packed-text pipeline's keys)."""
+    (seq_len,) = input_shape
+    tokens = np.random.default_rng(0).integers(0, config.model.vocab_size, (batch_size, seq_len)).astype(np.int32)
+    targets = np.zeros_like(tokens)
+    targets[:, :-1] = tokens[:, 1:]
+    loss_mask = np.ones_like(tokens)
+    loss_mask[:, -1] = 0
+    return {'tokens': tokens, 'segment_ids': np.ones_like(tokens), 'targets': targets, 'loss_mask': loss_mask,
+            'positions': np.broadcast_to(np.arange(seq_len, dtype=np.int32), tokens.shape).copy()}
 
 
-def make_task(task_config: Mapping[str, Any]):
-  kwargs = dict(task_config)
+OBJECTIVES = {'classification': Classification, 'language_model': LanguageModel}
+
+
+def make_objective(task_config: Mapping[str, Any]):
+  """The objective `task_config.name` names, built with the config's other fields."""
+  kwargs = dict(task_config.to_dict() if hasattr(task_config, 'to_dict') else task_config)
   name = kwargs.pop('name')
-  if name not in TASKS:
-    raise ValueError(f'task.name={name!r} is unknown; choose one of {sorted(TASKS)}.')
-  return TASKS[name](**kwargs)
+  if name not in OBJECTIVES:
+    raise ValueError(f'task.name={name!r} is unknown; choose one of {sorted(OBJECTIVES)}.')
+  try:
+    return OBJECTIVES[name](**kwargs)
+  except TypeError as e:
+    raise ValueError(f'config.task does not fit the {name!r} objective: {e}') from None
+
+
+def mean_loss(objective, model, params, frozen, batch, rng, train: bool):
+  """(loss, metrics) of one batch as the step reports them: the summed loss over the summed weight."""
+  loss_sum, sums = objective.loss(model, params, frozen, batch, rng, train)
+  return loss_sum / sums['weight'], objective.train_summary(sums)

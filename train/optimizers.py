@@ -99,7 +99,8 @@ def adaptive_grad_clip(clip: float, eps: float, mask) -> optax.GradientTransform
 
 
 def make_optimizer(optimizer_config: Mapping[str, Any], schedule: optax.Schedule, params) -> optax.GradientTransformation:
-  """Gradient clipping (global norm, adaptive) -> (coupled decay) -> optimizer -> freezing, by config."""
+  """Gradient clipping (global norm, adaptive) -> (coupled decay) -> optimizer, by config, over the trainable
+  parameters (what stays frozen is the adapter's business: train/adapters.py)."""
   c = optimizer_config
   name = c['name']
   wd = float(c.get('weight_decay', 0.0) or 0.0)
@@ -121,12 +122,10 @@ def make_optimizer(optimizer_config: Mapping[str, Any], schedule: optax.Schedule
     chain.append(optax.sgd(schedule, momentum=c.get('momentum', 0.9) or None, nesterov=bool(c.get('nesterov', True))))
   else:
     raise ValueError(f'optimizer.name={name!r} is unknown; use adamw or sgd.')
-  tx = optax.chain(*chain)
-  frozen = c.get('frozen_params', None)
-  if frozen:
-    labels = jax.tree.map(lambda f: 'frozen' if f else 'trained', regex_mask(params, frozen))
-    tx = optax.multi_transform({'trained': tx, 'frozen': optax.set_to_zero()}, labels)
-  return tx
+  if c.get('frozen_params'):
+    raise ValueError("optimizer.frozen_params moved: set config.adapter = dict(name='freeze', params=REGEX); "
+                     'frozen parameters then get no gradient and no optimizer state.')
+  return optax.chain(*chain)
 
 
 def ema_decay_at(optimizer_config: Mapping[str, Any], step) -> jax.Array:

@@ -1,8 +1,12 @@
-"""The jitted, sharded functions of a run: state init, train step and eval step.
+"""The jitted, sharded functions of a run: parameter init, the trainable/frozen split, the train and eval steps.
 
-Built from (config, mesh, rules, model, task, example input); the loop and the benchmarks share them, so a
-benchmark times exactly the step that trains. Call `build` under `jax.set_mesh(mesh)` and
+Built from (config, mesh, rules, model, objective, adapter, example input); the loop and the benchmarks share
+them, so a benchmark times exactly the step that trains. Call `build` under `jax.set_mesh(mesh)` and
 `nn.logical_axis_rules(rules)`, and run the returned functions under the same contexts.
+
+One step: merge the adapter's trainable and frozen halves, the objective's summed loss over each micro-batch
+(`config.microbatches`, a scan; gradients and sums added up), divide by the summed weight, one optax update of
+the trainable parameters, EMA. Nothing here depends on which model, objective or adapter runs.
 """
 import dataclasses
 from typing import Any, Callable
@@ -14,22 +18,28 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 import numpy as np
 import optax
 
+from train import adapters as adapters_lib
 from train import optimizers, sharding
+from train import state as state_lib
 
 
 @dataclasses.dataclass(frozen=True)
 class Steps:
-  init: Callable[[jax.Array], Any]            # rng -> sharded state
-  init_from_params: Callable[[Any], Any]      # given (e.g. imported) params -> sharded state
-  train: Callable[[Any, Any, Any], tuple[Any, Any]]  # (state, global batch, lr) -> (state, metrics); donates state
-  eval: Callable[[Any, Any], Any]             # (params, global batch) -> replicated sums
+  init_params: Callable[[jax.Array], Any]     # rng -> the model's seeded parameters, sharded
+  split: Callable[[Any], tuple[Any, Any]]     # params -> (trainable, frozen base), sharded
+  init_state: Callable[[Any], Any]            # trainable -> state (step 0, optimizer state, EMA)
+  train: Callable[[Any, Any, Any, Any], tuple[Any, Any]]  # (state, frozen, batch, lr) -> (state, metrics); donates state
+  eval: Callable[[Any, Any, Any], Any]        # (trainable, frozen, global batch) -> replicated sums
+  abstract_params: Any                        # the model's whole parameter tree (ShapeDtypeStructs)
+  param_shardings: Any
   abstract_state: Any
   state_shardings: Any
+  frozen_shardings: dict[str, Any]            # name -> shardings of each frozen tree the step receives
   batch_sharding: NamedSharding
   schedule: optax.Schedule
   learning_rates: np.ndarray  # schedule(step) for every step of the run; the train step's `lr` input
   init_key: jax.Array
-  uses_ema: bool
+  trainable_fraction: float   # the trainable share of the parameters (for the FLOPs of a backward pass)
 
 
 def _unbox(boxed_abstract):
@@ -38,63 +48,110 @@ def _unbox(boxed_abstract):
                       is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
 
 
-def build(config, mesh, rules, model, task, example) -> Steps:
+def split_microbatches(batch, microbatches: int):
+  """[B, ...] -> [microbatches, B / microbatches, ...]: micro-batch i takes rows i, i + m, i + 2m, ..., so each
+  device's contiguous share of the batch gives an equal part of every micro-batch (no data moves)."""
+  def split(x):
+    b = x.shape[0]
+    return jnp.swapaxes(x.reshape(b // microbatches, microbatches, *x.shape[1:]), 0, 1)
+  return jax.tree.map(split, batch)
+
+
+def build(config, mesh, rules, model, objective, adapter, example, frozen_names=()) -> Steps:
+  """`frozen_names`: the frozen trees besides the adapter's base (whole parameter trees, e.g. 'reference')."""
   init_key, step_key = jax.random.split(jax.random.key(config.seed))
+  split_key = jax.random.fold_in(init_key, 1)
   use_ema = bool(config.optimizer.get('ema_decay'))
+  microbatches = int(config.get('microbatches') or 1)
   replicated = NamedSharding(mesh, P())
   batch_sharding = sharding.batch_sharding(mesh)
 
-  def init_params(rng):
+  def boxed_params(rng):
     return model.init({'params': rng, 'dropout': rng}, example)['params']  # Models default to eval mode.
 
-  boxed = jax.eval_shape(init_params, init_key)
+  boxed = jax.eval_shape(boxed_params, init_key)
+  boxed_trainable, boxed_base = jax.eval_shape(lambda: adapter.split(boxed_params(init_key), split_key))
   param_shardings = sharding.param_shardings(boxed, mesh, rules)
-  abstract_params = _unbox(boxed)
+  trainable_shardings = sharding.param_shardings(boxed_trainable, mesh, rules)
+  base_shardings = sharding.param_shardings(boxed_base, mesh, rules) if boxed_base else {}
+  abstract_params, abstract_trainable = _unbox(boxed), _unbox(boxed_trainable)
+  frozen_shardings = {name: param_shardings for name in frozen_names}
+  if boxed_base:
+    frozen_shardings[state_lib.BASE] = base_shardings
+
   schedule = optimizers.make_schedule(config.schedule, config.total_steps)
   # The learning rate enters the step as an input, not as the schedule's formula: the compiled step then
   # does not depend on the run's length, and one compilation (XLA's persistent cache) serves every budget
   # of a sweep. The optimizer state is the same either way (a schedule callable keeps its step count).
-  tx_for = lambda lr: optimizers.make_optimizer(config.optimizer, lambda count: lr, abstract_params)
+  tx_for = lambda lr: optimizers.make_optimizer(config.optimizer, lambda count: lr, abstract_trainable)
   tx = tx_for(0.0)
   learning_rates = np.asarray(jax.jit(jax.vmap(schedule))(jnp.arange(config.total_steps + 1)))
 
-  def state_from(params):
-    state = {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt_state': tx.init(params)}
-    if use_ema:
-      state['ema_params'] = params
-    return state
+  def init_state(trainable):
+    return state_lib.create(trainable, tx, use_ema)
 
-  def init_state(rng):
-    return state_from(nn.unbox(init_params(rng)))  # Under the mesh: constrains each to its logical sharding.
-
-  abstract_state = jax.eval_shape(init_state, init_key)
-  state_shardings = {'step': replicated, 'params': param_shardings,
-                     'opt_state': sharding.like_params(abstract_state['opt_state'], abstract_params,
-                                                       param_shardings, mesh)}
+  abstract_state = jax.eval_shape(init_state, abstract_trainable)
+  state_shardings = {'step': replicated, 'trainable': trainable_shardings,
+                     'opt_state': sharding.like_params(abstract_state['opt_state'], abstract_trainable,
+                                                       trainable_shardings, mesh)}
   if use_ema:
-    state_shardings['ema_params'] = param_shardings
+    state_shardings['ema'] = trainable_shardings
 
-  def train_step(state, batch, learning_rate):
-    step = state['step']
-    rng = jax.random.fold_in(step_key, step)  # Per-step randomness from (seed, step): resumes draw the same.
-    grad_fn = jax.value_and_grad(lambda p: task.loss(model, p, batch, rng, train=True), has_aux=True)
-    (loss, aux), grads = grad_fn(state['params'])
-    updates, opt_state = tx_for(learning_rate).update(grads, state['opt_state'], state['params'])
-    params = optax.apply_updates(state['params'], updates)
-    new_state = {'step': step + 1, 'params': params, 'opt_state': opt_state}
-    if use_ema:
-      decay = optimizers.ema_decay_at(config.optimizer, step)
-      new_state['ema_params'] = optimizers.ema_update(state['ema_params'], params, decay)
-    metrics = {'train/loss': loss, 'train/learning_rate': learning_rate,
-               'train/grad_norm': optax.tree.norm(grads), 'train/param_norm': optax.tree.norm(params), **aux}
-    return new_state, metrics
+  def summed_loss(trainable, frozen, batch, rng):
+    params = adapter.merge(trainable, frozen.get(state_lib.BASE, {}))
+    return objective.loss(model, params, frozen, batch, rng, train=True)
+
+  def weight_of(sums):
+    return jnp.where(sums['weight'] > 0, sums['weight'], 1.0)
+
+  def loss_and_grads(trainable, frozen, batch, rng):
+    """(mean loss, summed sums, gradients of the mean loss) over the whole batch, in micro-batches."""
+    if microbatches == 1:
+      def mean_loss(t):
+        loss_sum, sums = summed_loss(t, frozen, batch, rng)
+        return loss_sum / weight_of(sums), sums
+      (loss, sums), grads = jax.value_and_grad(mean_loss, has_aux=True)(trainable)
+      return loss, sums, grads
+    micro = split_microbatches(batch, microbatches)
+    micro = jax.lax.with_sharding_constraint(micro, NamedSharding(mesh, P(None, sharding.BATCH_AXES)))
+    grad_fn = jax.value_and_grad(summed_loss, has_aux=True)
+
+    def accumulate(carry, xs):
+      one, i = xs
+      (loss_sum, sums), grads = grad_fn(trainable, frozen, one, jax.random.fold_in(rng, i))
+      return jax.tree.map(jnp.add, carry, (loss_sum, sums, grads)), None
+
+    first = jax.tree.map(lambda x: x[0], micro)
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                         jax.eval_shape(grad_fn, trainable, frozen, first, rng))
+    zeros = (zeros[0][0], zeros[0][1], zeros[1])
+    (loss_sum, sums, grads), _ = jax.lax.scan(accumulate, zeros, (micro, jnp.arange(microbatches)))
+    weight = weight_of(sums)
+    return loss_sum / weight, sums, jax.tree.map(lambda g: g / weight, grads)
+
+  def train_step(state, frozen, batch, learning_rate):
+    rng = jax.random.fold_in(step_key, state['step'])  # Per-step randomness from (seed, step): resumes draw the same.
+    loss, sums, grads = loss_and_grads(state['trainable'], frozen, batch, rng)
+    updates, opt_state = tx_for(learning_rate).update(grads, state['opt_state'], state['trainable'])
+    trainable = optax.apply_updates(state['trainable'], updates)
+    metrics = {'train/loss': loss, 'train/learning_rate': learning_rate, 'train/grad_norm': optax.tree.norm(grads),
+               'train/param_norm': optax.tree.norm(trainable), **objective.train_summary(sums)}
+    return state_lib.advance(state, trainable, opt_state, config.optimizer), metrics
+
+  def eval_step(trainable, frozen, batch):
+    params = adapter.merge(trainable, frozen.get(state_lib.BASE, {}))
+    return objective.eval_sums(model, params, frozen, batch)
 
   return Steps(
-      init=jax.jit(init_state, out_shardings=state_shardings),
-      init_from_params=jax.jit(state_from, in_shardings=(param_shardings,), out_shardings=state_shardings),
-      train=jax.jit(train_step, in_shardings=(state_shardings, batch_sharding, replicated),
+      init_params=jax.jit(lambda rng: nn.unbox(boxed_params(rng)), out_shardings=param_shardings),
+      split=jax.jit(lambda params: adapter.split(params, split_key), in_shardings=(param_shardings,),
+                    out_shardings=(trainable_shardings, base_shardings)),
+      init_state=jax.jit(init_state, in_shardings=(trainable_shardings,), out_shardings=state_shardings),
+      train=jax.jit(train_step, in_shardings=(state_shardings, frozen_shardings, batch_sharding, replicated),
                     out_shardings=(state_shardings, replicated), donate_argnums=0),
-      eval=jax.jit(lambda params, batch: task.eval_sums(model, params, batch),
-                   in_shardings=(param_shardings, batch_sharding), out_shardings=replicated),
-      abstract_state=abstract_state, state_shardings=state_shardings, batch_sharding=batch_sharding,
-      schedule=schedule, learning_rates=learning_rates, init_key=init_key, uses_ema=use_ema)
+      eval=jax.jit(eval_step, in_shardings=(trainable_shardings, frozen_shardings, batch_sharding),
+                   out_shardings=replicated),
+      abstract_params=abstract_params, param_shardings=param_shardings, abstract_state=abstract_state,
+      state_shardings=state_shardings, frozen_shardings=frozen_shardings, batch_sharding=batch_sharding,
+      schedule=schedule, learning_rates=learning_rates, init_key=init_key,
+      trainable_fraction=adapters_lib.trainable_fraction(adapter, abstract_params))

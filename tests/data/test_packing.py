@@ -8,6 +8,7 @@ from data import packing
 from data import pipeline
 from data import text
 from data import tokenizers
+from data.formats import base
 
 BYTES = tokenizers.ByteTokenizer()
 
@@ -96,7 +97,7 @@ def test_train_rows_and_process_slices(text_dir, text_corpus):
     for b in batches:
       for r in range(4):
         check_row({k: v[r] for k, v in b.items()}, 128)
-    lo, hi = pipeline._process_bounds(len(train), p, 3)  # pylint: disable=protected-access
+    lo, hi = base.process_bounds(len(train), p, 3)
     docs = split_docs(batches)
     assert len(docs) > 2 * (hi - lo)
     assert sorted(docs[:hi - lo]) == sorted(train[lo:hi])  # Epoch 1: a permutation of the slice.

@@ -1,4 +1,5 @@
-"""Tests for models/nfnet.py: sizes and MACs against the paper, timm equivalence, training behaviour, WS."""
+"""Tests for models/nfnet.py and nfnet_weights.py: sizes and MACs against the paper, timm equivalence, training
+behaviour, WS."""
 import functools
 
 import flax.linen as nn
@@ -9,7 +10,7 @@ import pytest
 import timm
 import torch
 
-from models import nfnet
+from models import nfnet, nfnet_weights
 
 # The CPU-sized net for 8x8 digits from the model docs.
 TINY = dict(num_classes=10, widths=(32, 64, 96, 96), depths=(1, 1, 1, 1))
@@ -166,7 +167,7 @@ def timm_f0():
     module.register_forward_hook(
         lambda m, i, o, name=name: acts.__setitem__(name, o.numpy().transpose(0, 2, 3, 1)))
   state = {k: v.detach().numpy() for k, v in model.state_dict().items()}
-  kwargs, params = nfnet.from_timm(state, 'F0')
+  kwargs, params = nfnet_weights.from_timm(state, 'F0')
   return model, acts, kwargs, params
 
 
@@ -195,13 +196,20 @@ def test_timm_f0_matches(timm_f0, hw):
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
 
 
+def test_converter_reachable_from_model_module():
+  assert nfnet.from_timm is nfnet_weights.from_timm
+  assert getattr(nfnet, 'adapt_params', None) is None  # unknown names still raise AttributeError
+  with pytest.raises(AttributeError):
+    nfnet.no_such_name
+
+
 def test_timm_rejects_unknown_layout(timm_f0):
   torch_model, _, _, _ = timm_f0
   state = {k: v.detach().numpy() for k, v in torch_model.state_dict().items()}
   with pytest.raises(ValueError, match='extra.weight'):
-    nfnet.from_timm({**state, 'extra.weight': np.ones(3, np.float32)}, 'dm_nfnet_f0')
+    nfnet_weights.from_timm({**state, 'extra.weight': np.ones(3, np.float32)}, 'dm_nfnet_f0')
   with pytest.raises(ValueError, match='stages.0.1.conv1.weight'):
-    nfnet.from_timm(state, 'F1')
+    nfnet_weights.from_timm(state, 'F1')
 
 
 # ---------------------------------------------------------------- training behaviour

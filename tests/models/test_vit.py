@@ -1,4 +1,5 @@
-"""Tests for models/vit.py: shapes, parameter counts, timm/HF equivalence, knobs."""
+"""Tests for models/vit.py and vit_weights.py: shapes, parameter counts, timm/HF equivalence, knobs."""
+import functools
 import math
 
 import flax.linen as nn
@@ -10,7 +11,7 @@ import timm
 import torch
 import transformers
 
-from models import vit
+from models import common, vit, vit_weights
 
 ATOL = 1e-5
 LOGICAL_NAMES = {'embed', 'mlp', 'heads', 'head_dim', 'classes', 'layers', None}
@@ -138,7 +139,7 @@ def timm_case(request):
 
 def test_timm_logits_match(timm_case):
   hw, state, images, want = timm_case
-  kwargs, params = vit.from_timm(state, num_heads=3, grid_hw=(hw[0] // 16, hw[1] // 16))
+  kwargs, params = vit_weights.from_timm(state, num_heads=3, grid_hw=(hw[0] // 16, hw[1] // 16))
   assert kwargs['width'] == 192 and kwargs['depth'] == 12 and kwargs['num_classes'] == 1000
   got = _apply(vit.Model(**kwargs), params, images)
   assert got.dtype == jnp.float32 and np.abs(want).max() > 0.5
@@ -148,14 +149,14 @@ def test_timm_logits_match(timm_case):
 @pytest.mark.parametrize('scan', [False, True])
 def test_timm_params_match_init_tree(timm_case, scan):
   hw, state, _, _ = timm_case
-  kwargs, params = vit.from_timm(state, num_heads=3, grid_hw=(hw[0] // 16, hw[1] // 16), scan=scan)
+  kwargs, params = vit_weights.from_timm(state, num_heads=3, grid_hw=(hw[0] // 16, hw[1] // 16), scan=scan)
   assert kwargs['scan'] == scan
   _assert_tree_matches_init(kwargs, params, hw)
 
 
 def test_scan_and_remat_match_unrolled(timm_case):
   hw, state, images, want = timm_case
-  kwargs, params = vit.from_timm(state, num_heads=3, grid_hw=(hw[0] // 16, hw[1] // 16))
+  kwargs, params = vit_weights.from_timm(state, num_heads=3, grid_hw=(hw[0] // 16, hw[1] // 16))
   stacked = vit.stack_layers(params)
   jax.tree.map(np.testing.assert_array_equal, vit.unstack_layers(stacked), params)
   for scan, remat in [(True, False), (True, True), (False, True)]:
@@ -164,10 +165,16 @@ def test_scan_and_remat_match_unrolled(timm_case):
     np.testing.assert_allclose(got, want, atol=ATOL, rtol=0)
 
 
+def test_converters_reachable_from_model_module():
+  assert vit.from_timm is vit_weights.from_timm and vit.from_hf is vit_weights.from_hf
+  with pytest.raises(AttributeError):
+    vit.no_such_name
+
+
 def test_timm_rejects_unknown_layout(timm_case):
   hw, state, _, _ = timm_case
   with pytest.raises(ValueError, match='fc_norm.weight'):
-    vit.from_timm({**state, 'fc_norm.weight': np.ones(192, np.float32)}, num_heads=3,
+    vit_weights.from_timm({**state, 'fc_norm.weight': np.ones(192, np.float32)}, num_heads=3,
                   grid_hw=(hw[0] // 16, hw[1] // 16))
 
 
@@ -191,7 +198,7 @@ def hf_case(request):
 
 def test_hf_logits_match(hf_case):
   config, state, images, want = hf_case
-  kwargs, params = vit.from_hf(config, state)
+  kwargs, params = vit_weights.from_hf(config, state)
   assert kwargs['layernorm_epsilon'] == 1e-12
   assert kwargs['gelu_approximate'] == (config['hidden_act'] != 'gelu')
   assert kwargs['qkv_bias'] == config['qkv_bias']
@@ -203,7 +210,7 @@ def test_hf_logits_match(hf_case):
 @pytest.mark.parametrize('scan', [False, True])
 def test_hf_params_match_init_tree(hf_case, scan):
   config, state, images, want = hf_case
-  kwargs, params = vit.from_hf(config, state, scan=scan)
+  kwargs, params = vit_weights.from_hf(config, state, scan=scan)
   _assert_tree_matches_init(kwargs, params, images.shape[1:3])
   if scan:
     np.testing.assert_allclose(_apply(vit.Model(**kwargs), params, images), want,
@@ -214,14 +221,14 @@ def test_hf_vitmodel_drops_pooler(hf_case):
   config, state, images, _ = hf_case
   base = {k: v for k, v in state.items() if not k.startswith('classifier.')}
   base['vit.pooler.dense.weight'] = np.zeros((192, 192), np.float32)
-  kwargs, params = vit.from_hf(config, base)
+  kwargs, params = vit_weights.from_hf(config, base)
   assert kwargs['num_classes'] == 0 and 'head' not in params
   assert _apply(vit.Model(**kwargs), params, images).shape == (2, 192)
 
 
 def test_posemb_grid_errors(hf_case):
   config, state, images, _ = hf_case
-  kwargs, params = vit.from_hf(config, state)
+  kwargs, params = vit_weights.from_hf(config, state)
   h, w = images.shape[1:3]
   with pytest.raises(ValueError, match='resize_posemb'):
     vit.Model(**kwargs).apply({'params': params}, _images((h + 32, w)))
@@ -361,3 +368,69 @@ def test_sharded_run_matches_unsharded(scan):
   assert block['mlp']['fc2']['kernel'].sharding.spec == jax.P(*lead, 'model', None)
   assert 'sharding_constraint' in hlo or 'mhlo.sharding' in hlo
   np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+# ---------------------------------------------------------------- adapt_params
+
+
+def test_adapt_params_to_a_new_resolution():
+  """A ViT trained at 32x32 (4x4 patch grid) loads into the same ViT at 48x48 (6x6 grid)."""
+  kwargs = dict(TINY)
+  params = _init(vit.Model(**kwargs), (32, 32))
+  target = vit.Model(**kwargs)
+  target_shapes = common.abstract_params(target, (1, 48, 48, 3))
+  assert params['pos_embedding'].shape == (1, 1 + 16, 64)
+  assert target_shapes['pos_embedding'].shape == (1, 1 + 36, 64)
+
+  adapted = vit.adapt_params(params, target_shapes, kwargs)
+  assert jax.tree.structure(adapted) == jax.tree.structure(target_shapes)
+  for got, want in zip(jax.tree.leaves(adapted), jax.tree.leaves(target_shapes)):
+    assert got.shape == want.shape and got.dtype == want.dtype
+  np.testing.assert_array_equal(adapted['pos_embedding'][:, :1], params['pos_embedding'][:, :1])
+  np.testing.assert_array_equal(adapted['pos_embedding'],
+                                vit.resize_posemb(params['pos_embedding'], (6, 6), 1))
+  for path in (('embedding', 'kernel'), ('cls',), ('head', 'kernel')):  # the rest is untouched
+    leaf = lambda tree: functools.reduce(lambda t, k: t[k], path, tree)
+    assert leaf(adapted) is leaf(params)
+  adapted = jax.tree.map(lambda x: x + 0.1, adapted)  # non-zero head
+  logits = _apply(target, adapted, _images((48, 48)))
+  assert logits.shape == (2, 7) and np.all(np.isfinite(logits))
+
+  # Host (numpy) params stay numpy; the same grid is a no-op; scan=True needs the same layout.
+  host = jax.tree.map(np.asarray, params)
+  assert isinstance(vit.adapt_params(host, target_shapes, kwargs)['pos_embedding'], np.ndarray)
+  assert vit.adapt_params(params, common.abstract_params(target, (1, 32, 32, 3)), kwargs) is params
+  scanned = {**kwargs, 'scan': True}
+  scan_shapes = common.abstract_params(vit.Model(**scanned), (1, 48, 48, 3))
+  adapted = vit.adapt_params(vit.stack_layers(host), scan_shapes, scanned)
+  assert adapted['pos_embedding'].shape == (1, 37, 64)
+  with pytest.raises(ValueError, match='stack_layers'):
+    vit.adapt_params(host, scan_shapes, scanned)
+
+
+def test_adapt_params_gap_and_non_square_grids():
+  kwargs = dict(TINY, pool_type='gap')  # no class token: every token is a grid position
+  params = _random_params(vit.Model(**kwargs), (32, 48))  # 4x6 grid
+  target_kwargs = dict(kwargs, posemb_grid=(6, 8))
+  target_shapes = common.abstract_params(vit.Model(**target_kwargs), (1, 48, 64, 3))
+  with pytest.raises(ValueError, match='source_grid_hw'):  # 24 tokens: not a square grid
+    vit.adapt_params(params, target_shapes, target_kwargs)
+  adapted = vit.adapt_params(params, target_shapes, target_kwargs, source_grid_hw=(4, 6))
+  np.testing.assert_array_equal(adapted['pos_embedding'],
+                                vit.resize_posemb(params['pos_embedding'], (6, 8), 0, old_grid_hw=(4, 6)))
+  assert _apply(vit.Model(**target_kwargs), adapted, _images((48, 64))).shape == (2, 7)
+  with pytest.raises(ValueError, match='posemb_grid'):  # 48 target tokens, no posemb_grid: not square
+    vit.adapt_params(params, target_shapes, kwargs, source_grid_hw=(4, 6))
+
+
+def test_adapt_params_rejects_other_differences():
+  params = _random_params(vit.Model(**TINY), (32, 32))
+  for change, hw, shown in [(dict(width=32, num_heads=2), 48, 'cls (1, 1, 64) vs (1, 1, 32)'),
+                            (dict(num_classes=5), 32, 'head/kernel (64, 7) vs (64, 5)'),
+                            (dict(depth=3), 48, 'missing vs (64,)')]:
+    kwargs = dict(TINY, **change)
+    shapes = common.abstract_params(vit.Model(**kwargs), (1, hw, hw, 3))
+    with pytest.raises(ValueError) as err:
+      vit.adapt_params(params, shapes, kwargs)
+    msg = str(err.value)
+    assert '\n' not in msg and 'position embedding' in msg and shown in msg, msg

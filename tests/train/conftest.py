@@ -1,7 +1,30 @@
 """Fixtures shared by the tests of train/."""
 import pytest
 
-from configs import mistral_tiny
+from configs import mistral_tiny, vit_digits
+
+
+def _tiny_vit_config(data_dir, **overrides):
+  """vit_digits shrunk to a model that compiles and steps in well under a second; `overrides` by dotted name."""
+  c = vit_digits.get_config()
+  c.model.update(width=16, depth=2, mlp_dim=32, num_heads=2, patch_size=4)
+  c.data.data_dir = data_dir
+  c.batch_size = c.eval_batch_size = 16
+  c.total_steps, c.log_every_steps, c.eval_every_steps, c.checkpoint_every_steps = 3, 1, 0, 3
+  c.schedule.warmup_steps = 1
+  for key, value in overrides.items():
+    target = c
+    *path, last = key.split('.')
+    for p in path:
+      target = target[p]
+    target[last] = value
+  return c
+
+
+@pytest.fixture(scope='session')
+def tiny_config():
+  """fn(data_dir, **{'dotted.name': value}) -> the tiny digits ViT config (see _tiny_vit_config)."""
+  return _tiny_vit_config
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ from configs import mistral_tiny, nfnet_digits, vit_digits
 from data import pipeline
 from models import mistral, nfnet, vit
 from train import checkpoint as checkpoint_lib
-from train import compute, loop, sharding, steps, tasks
+from train import adapters, compute, loop, objectives, sharding, steps
 from train import metrics as metrics_lib
 
 # Mistral-7B v0.1 (see shared/reference/mistral.md).
@@ -28,7 +28,9 @@ def _images(batch_size, size=32, channels=3):
 
 def _tokens(batch_size, length, vocab_size):
   tokens = np.random.default_rng(0).integers(0, vocab_size, (batch_size, length)).astype(np.int32)
-  return {'tokens': tokens, 'segment_ids': np.ones_like(tokens),
+  targets, loss_mask = np.zeros_like(tokens), np.ones_like(tokens)
+  targets[:, :-1], loss_mask[:, -1] = tokens[:, 1:], 0
+  return {'tokens': tokens, 'segment_ids': np.ones_like(tokens), 'targets': targets, 'loss_mask': loss_mask,
           'positions': np.broadcast_to(np.arange(length, dtype=np.int32), tokens.shape).copy()}
 
 
@@ -38,12 +40,13 @@ def _lowered_train_step(config, batch):
   config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, 1, 1
   mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
   rules = sharding.logical_rules(config.sharding_rules)
-  model, task = loop.build_model(config), tasks.make_task(config.task)
+  model, objective = loop.build_model(config), objectives.make_objective(config.task)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    fns = steps.build(config, mesh, rules, model, task, task.example_input(batch))
+    fns = steps.build(config, mesh, rules, model, objective, adapters.make_adapter(None),
+                      objective.example_input(batch))
     state = checkpoint_lib.abstract_with_shardings(fns.abstract_state, fns.state_shardings)
     specs = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=fns.batch_sharding), batch)
-    return fns.train.lower(state, specs, fns.learning_rates[0])
+    return fns.train.lower(state, {}, specs, fns.learning_rates[0])
 
 
 def _nfnet_config():
@@ -121,6 +124,7 @@ def _config(model_name='vit', model=None, batch_size=128, **budget):
   c = ml_collections.ConfigDict()
   c.model_name = model_name
   c.model = model or dict(num_classes=10, width=64, depth=4, mlp_dim=128, num_heads=4, patch_size=2, pool_type='gap')
+  c.task = dict(name='classification')
   c.batch_size = batch_size
   c.budget = budget
   return c

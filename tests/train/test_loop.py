@@ -11,28 +11,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from configs import vit_digits
 from train import PREEMPTED_EXIT, loop
 from train import metrics as metrics_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def tiny_config(data_dir, **overrides):
-  """vit_digits shrunk to a model that compiles and steps in well under a second."""
-  c = vit_digits.get_config()
-  c.model.update(width=16, depth=2, mlp_dim=32, num_heads=2, patch_size=4)
-  c.data.data_dir = data_dir
-  c.batch_size = c.eval_batch_size = 16
-  c.total_steps, c.log_every_steps, c.eval_every_steps, c.checkpoint_every_steps = 3, 1, 0, 3
-  c.schedule.warmup_steps = 1
-  for key, value in overrides.items():
-    target = c
-    *path, last = key.split('.')
-    for p in path:
-      target = target[p]
-    target[last] = value
-  return c
 
 
 def _train_metrics(workdir):
@@ -46,10 +28,10 @@ MESH_TEST = {'optimizer.name': 'sgd', 'optimizer.momentum': 0.9, 'schedule.base_
 
 
 @pytest.fixture(scope='module')
-def one_device_run(digits_dir, tmp_path_factory):
+def one_device_run(digits_dir, tmp_path_factory, tiny_config):
   workdir = str(tmp_path_factory.mktemp('one_device'))
   out = loop.train(tiny_config(digits_dir, **{'mesh.data': 1}, **MESH_TEST), workdir, devices=jax.devices()[:1])
-  return jax.device_get(out['state']['params']), _train_metrics(workdir)
+  return jax.device_get(out['state']['trainable']), _train_metrics(workdir)
 
 
 @pytest.mark.parametrize('mesh, expected_specs', [
@@ -59,14 +41,14 @@ def one_device_run(digits_dir, tmp_path_factory):
     ({'data': 2, 'fsdp': 1, 'tensor': 4}, {'mlp/fc2/kernel': ('tensor', 'fsdp'),
                                            'attn/out/kernel': (None, None, 'fsdp')}),
 ])
-def test_meshes_match_one_device(one_device_run, digits_dir, tmp_path, mesh, expected_specs):
+def test_meshes_match_one_device(one_device_run, digits_dir, tmp_path, mesh, expected_specs, tiny_config):
   params_1, metrics_1 = one_device_run
   config = tiny_config(digits_dir, **{f'mesh.{k}': v for k, v in mesh.items()}, **MESH_TEST)
   # heads=2 cannot split 4 ways: heads stay replicated here, and the MLP hidden dim (32) is split instead.
   if mesh['tensor'] == 4:
     config.sharding_rules.heads = ''
   out = loop.train(config, str(tmp_path))
-  params = out['state']['params']
+  params = out['state']['trainable']
   flat = {'/'.join(str(k.key) for k in path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(params)}
   for suffix, spec in expected_specs.items():
     (name,) = [n for n in flat if n.endswith('block_0/' + suffix)]
@@ -78,21 +60,21 @@ def test_meshes_match_one_device(one_device_run, digits_dir, tmp_path, mesh, exp
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), jax.device_get(params), params_1)
 
 
-def test_resume_onto_a_different_mesh_restores_into_its_shardings(digits_dir, tmp_path):
+def test_resume_onto_a_different_mesh_restores_into_its_shardings(digits_dir, tmp_path, tiny_config):
   config = tiny_config(digits_dir, total_steps=4, checkpoint_every_steps=2, **MESH_TEST)
-  straight = jax.device_get(loop.train(config, str(tmp_path))['state']['params'])
+  straight = jax.device_get(loop.train(config, str(tmp_path))['state']['trainable'])
   # As if the run had died after its step-2 checkpoint; it resumes on an FSDP mesh instead of data=8.
   shutil.rmtree(tmp_path / 'checkpoints' / '4')
   config.mesh.data, config.mesh.fsdp = 2, 4
   out = loop.train(config, str(tmp_path))
-  kernel = out['state']['params']['encoder']['block_0']['mlp']['fc1']['kernel']
+  kernel = out['state']['trainable']['encoder']['block_0']['mlp']['fc1']['kernel']
   assert kernel.sharding.spec[0] == 'fsdp' and kernel.addressable_shards[0].data.shape[0] == kernel.shape[0] // 4
   assert [r['step'] for r in metrics_lib.read_metrics(str(tmp_path)) if 'train/loss' in r] == [1, 2, 3, 4]
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), jax.device_get(out['state']['params']),
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), jax.device_get(out['state']['trainable']),
                straight)
 
 
-def test_eval_counts_each_example_once_and_ema(digits_dir, tmp_path):
+def test_eval_counts_each_example_once_and_ema(digits_dir, tmp_path, tiny_config):
   # 360 test digits in batches of 48 (not a divisor): the last batch is padded and masked.
   config = tiny_config(digits_dir, eval_batch_size=48, eval_every_steps=2, total_steps=4,
                        **{'optimizer.ema_decay': 0.9, 'optimizer.ema_warmup': True})
@@ -100,11 +82,11 @@ def test_eval_counts_each_example_once_and_ema(digits_dir, tmp_path):
   records = [r for r in metrics_lib.read_metrics(str(tmp_path)) if 'eval/accuracy' in r]
   assert [r['step'] for r in records] == [2, 4]
   assert all(r['eval/examples'] == 360 for r in records)
-  assert set(out['state']) == {'step', 'params', 'opt_state', 'ema_params'}
+  assert set(out['state']) == {'step', 'trainable', 'opt_state', 'ema'}
   assert 0.0 <= records[-1]['eval/accuracy'] <= 1.0
 
 
-def test_non_finite_loss_stops_naming_step_and_keeps_good_checkpoint(digits_dir, tmp_path):
+def test_non_finite_loss_stops_naming_step_and_keeps_good_checkpoint(digits_dir, tmp_path, tiny_config):
   config = tiny_config(digits_dir, total_steps=6, checkpoint_every_steps=1, log_every_steps=3,
                        **{'schedule.base_learning_rate': 1e30, 'schedule.warmup_steps': 0,
                           'optimizer.grad_clip_norm': None, 'optimizer.name': 'sgd', 'optimizer.momentum': 0.0})
@@ -130,14 +112,18 @@ RESUME_FLAGS = ('--config.total_steps=120', '--config.log_every_steps=5', '--con
 def _final_params(workdir, step):
   with ocp.CheckpointManager(os.path.join(workdir, 'checkpoints')) as mngr:
     restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-  return restored['state']['params']
+  return restored['state']['trainable']
 
 
-def test_kill_and_resume_equals_uninterrupted_run_bitwise(digits_dir, tmp_path):
+# With a frozen base (the freeze adapter): never checkpointed, rebuilt from the seed on resume.
+@pytest.mark.parametrize('adapter', [(), ('--config.adapter.name=freeze', '--config.adapter.params=encoder/block_0/.*')],
+                         ids=['none', 'freeze'])
+def test_kill_and_resume_equals_uninterrupted_run_bitwise(digits_dir, tmp_path, adapter):
   straight, killed = tmp_path / 'straight', tmp_path / 'killed'
-  reference = subprocess.Popen(_cli(straight, *RESUME_FLAGS, data_dir=digits_dir), cwd=REPO, env=_env(),
+  flags = (*RESUME_FLAGS, *adapter)
+  reference = subprocess.Popen(_cli(straight, *flags, data_dir=digits_dir), cwd=REPO, env=_env(),
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  victim = subprocess.Popen(_cli(killed, *RESUME_FLAGS, data_dir=digits_dir), cwd=REPO, env=_env(),
+  victim = subprocess.Popen(_cli(killed, *flags, data_dir=digits_dir), cwd=REPO, env=_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   deadline = time.time() + 240
   # kill -9 as soon as a checkpoint is complete, while the run is still going.
@@ -147,7 +133,7 @@ def test_kill_and_resume_equals_uninterrupted_run_bitwise(digits_dir, tmp_path):
   victim.send_signal(signal.SIGKILL)
   victim.wait()
   assert not (killed / 'checkpoints' / '120').exists(), 'the run finished before the kill; lengthen it'
-  resumed = subprocess.run(_cli(killed, *RESUME_FLAGS, data_dir=digits_dir), cwd=REPO, env=_env(),
+  resumed = subprocess.run(_cli(killed, *flags, data_dir=digits_dir), cwd=REPO, env=_env(),
                            capture_output=True, text=True, timeout=300)
   assert resumed.returncode == 0, resumed.stderr[-2000:]
   assert 'resumed from' in resumed.stdout
@@ -155,6 +141,7 @@ def test_kill_and_resume_equals_uninterrupted_run_bitwise(digits_dir, tmp_path):
   assert _train_metrics(killed) == _train_metrics(straight)
   a, b = _final_params(str(killed), 120), _final_params(str(straight), 120)
   jax.tree.map(np.testing.assert_array_equal, a, b)
+  assert ('block_0' in a['encoder']) == (not adapter)  # The frozen block is not in the checkpoint.
 
 
 def test_sigterm_saves_and_exits_for_a_restart(digits_dir, tmp_path):
@@ -178,6 +165,9 @@ def test_sigterm_saves_and_exits_for_a_restart(digits_dir, tmp_path):
     (['--config.data.name=no_such_dataset'], 'no_such_dataset'),
     (['--config.mesh.data=3'], 'mesh data=3 x fsdp=1 x tensor=1 = 3 devices, but 8 are available'),
     (['--config.batch_size=20'], 'batch_size=20 is not divisible by the data-parallel size data*fsdp=8'),
+    (['--config.adapter.name=lora9'], "adapter.name='lora9' is unknown; choose one of ['freeze', 'none']"),
+    (['--config.task.name=regression'], "task.name='regression' is unknown; choose one of"),
+    (['--config.microbatches=3'], 'microbatches=3 does not divide the per-device batch 16'),
 ])
 def test_bad_input_fails_at_start_with_one_line(digits_dir, tmp_path, overrides, message):
   env = dict(os.environ, JAX_NUM_CPU_DEVICES='8', JAX_PLATFORMS='cpu')

@@ -88,7 +88,7 @@ def _params(workdir, step=32):
   with ocp.StandardCheckpointer() as checkpointer:
     tree = checkpointer.metadata(path).item_metadata
     target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
-    return jax.device_get(checkpointer.restore(path, target)['params'])
+    return jax.device_get(checkpointer.restore(path, target)['trainable'])
 
 
 @pytest.fixture(scope='module')

@@ -28,8 +28,8 @@ def test_nfnet_f0_recipe_takes_a_sharded_step(digits_dir, tmp_path):
   assert int(out['state']['step']) == 1
   (record,) = metrics_lib.read_metrics(str(tmp_path))
   assert np.isfinite(record['train/loss']) and np.isfinite(record['train/grad_norm'])
-  assert set(out['state']) == {'step', 'params', 'opt_state', 'ema_params'}
-  head = out['state']['params']['head']['kernel']
+  assert set(out['state']) == {'step', 'trainable', 'opt_state', 'ema'}
+  head = out['state']['trainable']['head']['kernel']
   assert head.shape == (3072, 10) and len(head.sharding.device_set) == 2
 
 
@@ -57,7 +57,7 @@ def test_mistral_tiny_trains_on_8_devices_with_fsdp_and_tensor_parallelism(tmp_p
   records = metrics_lib.read_metrics(str(tmp_path / 'workdir'))
   assert [r['step'] for r in records] == [0, 1, 2, 3]  # eval_at_start: step 0 is the untrained model's eval
   assert all(np.isfinite(r['train/loss']) for r in records[1:]) and records[-1]['eval/tokens'] > 0
-  query = out['state']['params']['layer_0']['attn']['query']['kernel']  # (embed, heads, head_dim)
+  query = out['state']['trainable']['layer_0']['attn']['query']['kernel']  # (embed, heads, head_dim)
   assert tuple(query.sharding.spec)[:2] == ('fsdp', 'tensor')
   assert query.addressable_shards[0].data.shape == (16, 2, 8)
   # The sampling command reloads exactly these parameters from the workdir and continues a prompt.
@@ -65,6 +65,6 @@ def test_mistral_tiny_trains_on_8_devices_with_fsdp_and_tensor_parallelism(tmp_p
   from train import sample
   config, model, params, step = sample.load(str(tmp_path / 'workdir'))
   assert step == 3 and config.model.sliding_window == 8
-  jax.tree.map(np.testing.assert_array_equal, params, jax.device_get(out['state']['params']))
+  jax.tree.map(np.testing.assert_array_equal, params, jax.device_get(out['state']['trainable']))
   tokens = mistral.generate(model, params, np.array([[1, 40, 41]], np.int32), 10)
   assert tokens.shape == (1, 13) and (np.asarray(tokens) < c.model.vocab_size).all()

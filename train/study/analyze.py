@@ -16,12 +16,13 @@ import os
 import re
 import sys
 
-from absl import app, flags
+from absl import flags
 from etils import epath
 
+from train import cli
 from train import compute as compute_lib
 from train import paths as paths_lib
-from train import scaling
+from train.study import scaling
 
 FLAGS = flags.FLAGS
 
@@ -172,11 +173,6 @@ def compute_label(compute: str, workdirs) -> str:
   return f'training compute ({name}core hours, estimated from FLOPs)'
 
 
-def _fail(message: str):
-  print(f'error: {message}', file=sys.stderr, flush=True)
-  sys.exit(2)
-
-
 def write_report(patterns, out: str, compute: str = 'flops', irreducible: bool = False, confidence: float = 0.95,
                  num_levels: int = 8, peak_flops=None) -> str:
   """Analyses the runs matched by `patterns`; writes OUT/study.md and OUT/study.png; returns the report."""
@@ -192,19 +188,15 @@ def write_report(patterns, out: str, compute: str = 'flops', irreducible: bool =
 
 
 def main(argv):
-  if len(argv) > 1:
-    _fail(f'unexpected arguments {argv[1:]}; pass workdirs with --workdirs=')
+  cli.no_arguments(argv, 'pass workdirs with --workdirs=')
   if not FLAGS.out:
-    _fail('--out is required: the directory for study.md and study.png')
-  try:
+    cli.fail('--out is required: the directory for study.md and study.png')
+  with cli.failing_on(StudyError):
     report = write_report(FLAGS.workdirs, FLAGS.out, FLAGS.compute, FLAGS.irreducible, FLAGS.confidence,
                           FLAGS.levels, parse_peak_flops(FLAGS.peak_flops))
-  except StudyError as e:
-    _fail(str(e))
   print(report, end='')
   print(f'wrote {FLAGS.out}/study.md and {FLAGS.out}/study.png', file=sys.stderr)
 
 
 if __name__ == '__main__':
-  define_flags()
-  app.run(main)
+  cli.run(sys.modules[__name__])

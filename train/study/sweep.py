@@ -24,13 +24,13 @@ import os
 import sys
 import time
 
-from absl import app, flags, logging
+from absl import flags
 from etils import epath
 import jax
 import ml_collections
 
 from models import common
-from train import PREEMPTED_EXIT, compute, launch
+from train import cli, compute
 
 FLAGS = flags.FLAGS
 
@@ -96,7 +96,7 @@ def plan(config_spec: str, overrides=()) -> list[Run]:
   runs = []
   for run_arg in module.get_sweep(arg or None):
     spec = f'{path}:{run_arg}'
-    config = launch.load_config(spec, [f'--config.{o}' for o in overrides])
+    config = cli.load_config(spec, [f'--config.{o}' for o in overrides])
     if 'study' not in config or 'input_shape' not in config.study:
       raise ValueError(f'{spec}: a sweep run needs config.study with input_shape (and family, model, epochs).')
     input_shape = tuple(config.study.input_shape)
@@ -165,20 +165,18 @@ def train_all(runs: list[Run], workdir: str) -> bool:
 
 def report(runs: list[Run], workdir: str) -> str | None:
   """Writes WORKDIR/study.md and WORKDIR/study.png and returns the report (on process 0; None elsewhere)."""
-  from train import analyze as analyze_lib
+  from train.study import analyze as analyze_lib
   if jax.process_index() != 0:
     return None
   return analyze_lib.write_report([os.path.join(workdir, r.name) for r in runs], workdir)
 
 
 def main(argv):
-  if len(argv) > 1:
-    print(f'error: unexpected arguments {argv[1:]}', file=sys.stderr)
-    sys.exit(2)
-  if not flags.FLAGS['verbosity'].present:
-    logging.set_verbosity(logging.WARNING)
-  from train import analyze as analyze_lib, distributed
-  try:
+  cli.no_arguments(argv)
+  cli.quiet_logging()
+  from train import distributed
+  from train.study import analyze as analyze_lib
+  with cli.failing_on(ValueError, FileNotFoundError, analyze_lib.StudyError):
     distributed.initialize()  # Every host of a pod runs the same sweep; settings from the environment.
     if not FLAGS.config or not (FLAGS.workdir or FLAGS.dry_run):
       raise ValueError('--config and --workdir are required, e.g. --config=configs/convnets_at_scale_cpu.py '
@@ -199,16 +197,12 @@ def main(argv):
       jax.config.update('jax_compilation_cache_dir', os.path.join(FLAGS.workdir, 'compilation_cache'))
       jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.2)
     if not train_all(runs, FLAGS.workdir):
-      sys.exit(PREEMPTED_EXIT)
+      sys.exit(cli.PREEMPTED_EXIT)
     text = report(runs, FLAGS.workdir) if FLAGS.analyze else None
-  except (ValueError, FileNotFoundError, analyze_lib.StudyError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
   if text:
     print(text, end='')
     print(f'wrote {FLAGS.workdir}/study.md and {FLAGS.workdir}/study.png', flush=True)
 
 
 if __name__ == '__main__':
-  define_flags()
-  app.run(main)
+  cli.run(sys.modules[__name__])

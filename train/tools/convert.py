@@ -24,12 +24,15 @@ import json
 import os
 import sys
 
-from absl import app, flags, logging
+from absl import flags
 from etils import epath
 import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
+
+from train import cli
+from train.tools import loader
 
 FLAGS = flags.FLAGS
 
@@ -135,7 +138,9 @@ def import_model(src: str, out: str, *, fmt: str = 'hf', scan: bool = False, dty
   tokenizer = os.path.join(src, 'tokenizer.model')
   if os.path.exists(tokenizer):
     epath.Path(tokenizer).copy(epath.Path(out, 'tokenizer.model'), overwrite=True)
+  # example_input: what the parameter shapes were derived from (the run loader rebuilds them from it).
   record = {'model_name': MODEL_NAME, 'model': kwargs, 'imported_from': os.path.abspath(src),
+            'example_input': {'shape': [1, 1], 'dtype': 'int32'},
             'data': {'tokenizer': paths.absolute(os.path.join(out, 'tokenizer.model'))
                      if os.path.exists(tokenizer) else None}}
   epath.Path(out, 'config.json').write_text(json.dumps(record, indent=2))
@@ -144,8 +149,8 @@ def import_model(src: str, out: str, *, fmt: str = 'hf', scan: bool = False, dty
 
 def load_params(src: str, step: int | None = None):
   """(model kwargs, numpy params) of an imported directory or a training workdir (EMA copy if kept)."""
-  from train import sample
-  config, _, params, _ = sample.load(src, step)
+  run = loader.load_run(src, step)
+  config, params = run.config, run.params
   if config.get('model_name') != MODEL_NAME:
     raise ValueError(f"{src} holds model_name={config.get('model_name')!r}; only {MODEL_NAME!r} exports to HF.")
   return config.model.to_dict(), jax.tree.map(np.asarray, params)
@@ -203,14 +208,11 @@ def export_model(src: str, out: str, *, step: int | None = None, dtype: str | No
 
 def main(argv):
   if len(argv) != 2 or argv[1] not in ('import', 'export'):
-    print('error: usage: python -m train.convert import|export --src=DIR --out=DIR [flags]', file=sys.stderr)
-    sys.exit(2)
-  if not flags.FLAGS['verbosity'].present:
-    logging.set_verbosity(logging.WARNING)
+    cli.fail('usage: python -m train.convert import|export --src=DIR --out=DIR [flags]')
+  cli.quiet_logging()
   if not FLAGS.src or not FLAGS.out:
-    print('error: --src and --out are both required.', file=sys.stderr)
-    sys.exit(2)
-  try:
+    cli.fail('--src and --out are both required.')
+  with cli.failing_on(FileNotFoundError, ValueError, KeyError):
     if argv[1] == 'import':
       kwargs = import_model(FLAGS.src, FLAGS.out, fmt=FLAGS.format, scan=FLAGS.scan, dtype=FLAGS.dtype,
                             rope_theta=FLAGS.rope_theta)
@@ -219,11 +221,7 @@ def main(argv):
       files = export_model(FLAGS.src, FLAGS.out, step=FLAGS.checkpoint_step, dtype=FLAGS.dtype,
                            max_shard_bytes=FLAGS.max_shard_bytes)
       print(f'exported {FLAGS.src} -> {FLAGS.out}: {len(files)} safetensors shard(s)')
-  except (FileNotFoundError, ValueError, KeyError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
 
 
 if __name__ == '__main__':
-  define_flags()
-  app.run(main)
+  cli.run(sys.modules[__name__])

@@ -32,12 +32,9 @@ import subprocess
 import sys
 import tempfile
 
-from absl import flags
-from ml_collections import config_flags
+from train import cli
 
-from train import PREEMPTED_EXIT
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # The repository.
 CODE_DIR = 'convnets-at-scale'  # On each host, under $HOME.
 VENV_DIR = 'convnets-at-scale-venv'  # Outside the code, so that shipping new code keeps the installed packages.
 TARBALL = 'convnets-at-scale.tar.gz'
@@ -98,37 +95,9 @@ def parse_accelerator(name: str) -> Slice:
   return Slice(f'{generation}-{n}', chips, cores, chips * gen.devices_per_chip, hosts, gen.runtime)
 
 
-def load_config(spec: str, overrides=()):
-  """The config of --config=FILE.py[:ARGS] with --config.key=value overrides, parsed as `python -m train` does."""
-  argv = ['launch', f'--config={spec}', *overrides]
-  flag_values = flags.FlagValues()
-  holder = config_flags.DEFINE_config_file('config', None, flag_values=flag_values, sys_argv=argv)
-  try:
-    flag_values(argv)
-    config = holder.value
-    list(config.keys())  # The file is loaded lazily: fail here on a missing or broken one.
-  except flags.Error as e:
-    text = str(e).strip()
-    if 'Traceback' in text:  # An exception inside the config file: its final 'SomeError: ...' line says what.
-      text = f'--config={spec}: the config file failed: {text.splitlines()[-1]}'
-    raise ValueError(' '.join(text.split())) from None
-  except (KeyError, AttributeError) as e:  # config_flags' way of saying an override names no field.
-    while e.args and isinstance(e.args[0], BaseException):
-      e = e.args[0]
-    key, *hint = str(e.args[0] if e.args else e).splitlines()
-    key = key.strip('"\'')
-    bad = [o.split('=')[0] for o in overrides if o.split('=')[0].split('.')[-1] == key]
-    raise ValueError(f'{bad[0] if bad else key}: no such field in {spec}; check the spelling against the '
-                     f'config file{f" ({hint[0]})" if hint else ""}.') from None
-  except OSError as e:
-    reason = next((l.strip() for l in str(e).splitlines() if l.strip().startswith('[Errno')), str(e))
-    raise ValueError(f'cannot load --config={spec}: {reason} (run from the repository root).') from None
-  return config
-
-
 def check(spec: str, overrides, accel: Slice) -> str:
   """One 'ok: ...' line if the config's mesh and batch fit the slice; ValueError with the reason if not."""
-  config = load_config(spec, overrides)
+  config = cli.load_config(spec, overrides)
   from train import loop  # Imports jax: only when a config is checked.
   where = f'{spec} on {accel.name}: {accel.devices} devices ({_plural(accel.hosts, "host")})'
   try:
@@ -159,8 +128,9 @@ def restart_loop(delay_s: int = RESTART_DELAY_S) -> str:
       '"$@" 2>&1 | tee -a "$log"; code=${PIPESTATUS[0]}; '
       'case $code in 0) say "exit 0: done"; exit 0;; '
       # A bad config fails again at once, and a resumed non-finite loss repeats exactly: neither is retried.
-      '2|3) say "exit $code: not retried; fix the cause and run again"; exit $code;; '
-      f'{PREEMPTED_EXIT}) say "exit $code: preempted, checkpoint saved";; esac; '
+      f'{cli.BAD_INPUT_EXIT}|{cli.NON_FINITE_EXIT}) say "exit $code: not retried; fix the cause and run again"; '
+      'exit $code;; '
+      f'{cli.PREEMPTED_EXIT}) say "exit $code: preempted, checkpoint saved";; esac; '
       'if ((n >= tries)); then say "exit $code: giving up after $n attempts"; exit $code; fi; '
       f'say "exit $code: rerunning in {delay_s} s (resumes from the last checkpoint)"; sleep {delay_s}; done')
 
@@ -265,7 +235,7 @@ def plan(action: str, args) -> list[list[str]]:
 class _Parser(argparse.ArgumentParser):
 
   def error(self, message):
-    _fail(f'{message} (see python -m train.launch --help)')
+    cli.fail(f'{message} (see python -m train.launch --help)')
 
 
 def parse_args(argv):
@@ -294,7 +264,7 @@ def parse_args(argv):
   overrides = [a for a in argv if a.startswith('--config.')]
   for o in overrides:
     if '=' not in o:
-      _fail(f'{o}: write overrides as one token, --config.KEY=VALUE.')
+      cli.fail(f'{o}: write overrides as one token, --config.KEY=VALUE.')
   args = parser.parse_args([a for a in argv if not a.startswith('--config.')])
   args.overrides = overrides
   _validate(args)
@@ -308,23 +278,18 @@ def _validate(args):
     needs += ['accelerator', 'config', 'workdir']  # The accelerator to check the config's mesh against.
   missing = [f'--{n}' for n in dict.fromkeys(needs) if not getattr(args, n)]
   if missing:
-    _fail(f'{args.action} needs {", ".join(missing)} (e.g. --tpu=my-tpu --zone=us-central2-b --accelerator=v4-32 '
-          '--config=configs/nfnet_i1k.py --workdir=gs://BUCKET/DIR).')
+    cli.fail(f'{args.action} needs {", ".join(missing)} (e.g. --tpu=my-tpu --zone=us-central2-b '
+             '--accelerator=v4-32 --config=configs/nfnet_i1k.py --workdir=gs://BUCKET/DIR).')
   if args.tpu and not re.fullmatch(r'[a-z]([-a-z0-9]{0,61}[a-z0-9])?', args.tpu):
-    _fail(f'--tpu={args.tpu!r}: a TPU name is lowercase letters, digits and hyphens, starting with a letter.')
+    cli.fail(f'--tpu={args.tpu!r}: a TPU name is lowercase letters, digits and hyphens, starting with a letter.')
   if args.command and (args.config or args.workdir or args.overrides):
-    _fail('give either --command or --config/--workdir (with --config.* overrides), not both.')
+    cli.fail('give either --command or --config/--workdir (with --config.* overrides), not both.')
   if args.overrides and not args.config:
-    _fail(f'{args.overrides[0]} overrides a field of --config, which is missing.')
+    cli.fail(f'{args.overrides[0]} overrides a field of --config, which is missing.')
   if bool(args.repo) != bool(args.ref):
-    _fail('--repo and --ref go together: --repo=GIT_URL --ref=COMMIT, so that every host runs the same code.')
+    cli.fail('--repo and --ref go together: --repo=GIT_URL --ref=COMMIT, so that every host runs the same code.')
   if args.max_attempts < 1:
-    _fail(f'--max_attempts={args.max_attempts} must be at least 1.')
-
-
-def _fail(message, code: int = 2):
-  print(f'error: {message}', file=sys.stderr, flush=True)
-  sys.exit(code)
+    cli.fail(f'--max_attempts={args.max_attempts} must be at least 1.')
 
 
 def main(argv=None) -> int:
@@ -338,7 +303,7 @@ def main(argv=None) -> int:
               'its checkpoints.', file=sys.stderr, flush=True)
     commands = plan(args.action, args)
   except ValueError as e:
-    _fail(e)
+    cli.fail(e)
   if not args.dry_run and not args.repo and args.action in ('setup', 'up'):
     dirty = subprocess.run(['git', '-C', ROOT, 'status', '--porcelain', '--untracked-files=no'],
                            capture_output=True, text=True).stdout
@@ -352,10 +317,11 @@ def main(argv=None) -> int:
     try:
       subprocess.run(command, check=True)
     except FileNotFoundError:
-      _fail(f'{command[0]} is not installed or not on PATH (gcloud: https://cloud.google.com/sdk/docs/install).')
+      cli.fail(f'{command[0]} is not installed or not on PATH (gcloud: '
+               'https://cloud.google.com/sdk/docs/install).')
     except subprocess.CalledProcessError as e:
-      _fail(f'step {i + 1} of {len(commands)} exited with status {e.returncode} (above); fix the cause and run the '
-            'remaining steps, e.g. the next action.', code=1)
+      cli.fail(f'step {i + 1} of {len(commands)} exited with status {e.returncode} (above); fix the cause and run '
+               'the remaining steps, e.g. the next action.', code=1)
   if args.action in ('run', 'up') and not args.dry_run:
     print(f'started in tmux session {session(args)} on every host; follow it with: python -m train.launch logs '
           f'--tpu={args.tpu} --zone={args.zone}' + (f' --project={args.project}' if args.project else ''))

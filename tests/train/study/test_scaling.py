@@ -8,9 +8,9 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from train import analyze, scaling
+from train.study import analyze, scaling
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 
 def test_fit_is_exact_without_noise():

@@ -6,9 +6,9 @@ import sys
 
 import pytest
 
-from train import sweep
+from train.study import sweep
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 JFT_IMAGES, V4_CORE_PEAK = 4_000_000_000, 137.5e12
 
 

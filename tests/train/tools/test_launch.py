@@ -9,9 +9,10 @@ import tempfile
 
 import pytest
 
-from train import launch
+from train import cli
+from train.tools import launch
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 TRICKY = '--config.data.files=/data/my corpus/*.txt'  # A field of configs/mistral_tiny.py.
 SPACED = '--config.data.data_dir=/mnt/my disk/tfds'
 LOOP = launch.restart_loop()
@@ -177,7 +178,7 @@ def test_restart_loop(tmp_path, exits, attempts, code):
   assert (tmp_path / 'runs').read_text().count('run') == attempts
   log = (tmp_path / 'job.log').read_text()
   assert log.count('[launch] attempt') == attempts
-  assert log.count('[launch] exit 75: preempted, checkpoint saved') == exits[:attempts].count(launch.PREEMPTED_EXIT)
+  assert log.count('[launch] exit 75: preempted, checkpoint saved') == exits[:attempts].count(cli.PREEMPTED_EXIT)
 
 
 def test_spot_and_queued_create(capsys):
