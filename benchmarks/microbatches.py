@@ -9,16 +9,12 @@ arguments: state and batch) and the median step time after compilation, on one d
 The update is the same whatever the split (tests/train/test_steps.py); the temporaries fall with the
 micro-batch size, which is what lets a batch that does not fit be trained anyway.
 """
-import statistics
-import time
-
 from absl import app, flags
-import flax.linen as nn
 import jax
 from ml_collections import config_flags
 
-from train import adapters, loop, objectives, sharding, steps
-from train import state as state_lib
+from benchmarks.step import compile_step
+from train import objectives
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file to benchmark.', lock_config=False)
 _BATCH = flags.DEFINE_integer('batch_size', 32, 'Global batch size.')
@@ -31,36 +27,17 @@ _STEPS = flags.DEFINE_integer('steps', 3, 'Timed steps per count (after one warm
 
 def measure(config, batch, microbatches: int) -> tuple[dict[str, int], float]:
   config.microbatches = microbatches
-  mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
-  rules = sharding.logical_rules(config.sharding_rules)
-  objective = objectives.make_objective(config.task)
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    fns = steps.build(config, mesh, rules, loop.build_model(config), objective,
-                      adapters.make_adapter(config.get('adapter')), objective.example_input(batch))
-    trainable, base = fns.split(fns.init_params(fns.init_key))
-    state, frozen = fns.init_state(trainable), ({state_lib.BASE: base} if base else {})
-    global_batch = sharding.global_batch(batch, fns.batch_sharding)
-    lr = fns.learning_rates[0]
-    compiled = fns.train.lower(state, frozen, global_batch, lr).compile()
-    memory = compiled.memory_analysis()
-    state, metrics = compiled(state, frozen, global_batch, lr)
-    jax.block_until_ready(metrics)
-    times = []
-    for _ in range(_STEPS.value):
-      start = time.perf_counter()
-      state, metrics = compiled(state, frozen, global_batch, lr)
-      jax.block_until_ready(metrics)
-      times.append(time.perf_counter() - start)
+  step = compile_step(config, batch, jax.devices()[:1])
+  memory = step.compiled.memory_analysis()
   sizes = {'temp': memory.temp_size_in_bytes, 'arguments': memory.argument_size_in_bytes,
            'outputs': memory.output_size_in_bytes}
-  return sizes, statistics.median(times)
+  return sizes, step.time(_STEPS.value)
 
 
 def main(argv):
   del argv
   config = _CONFIG.value
   config.batch_size = config.eval_batch_size = _BATCH.value
-  config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, 1, 1
   objective = objectives.make_objective(config.task)
   batch = objective.synthetic_batch(config, _BATCH.value,
                                     objective.example_shape(_IMAGE.value, _CHANNELS.value, _SEQ_LEN.value))

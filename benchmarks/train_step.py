@@ -24,13 +24,11 @@ import statistics
 import time
 
 from absl import app, flags
-import flax.linen as nn
 import jax
 from ml_collections import config_flags
-import numpy as np
 
-from train import adapters, loop, objectives, sharding, steps
-from train import state as state_lib
+from benchmarks.step import compile_step
+from train import loop, objectives
 from train.compute import matmul_peak_flops
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file to benchmark.', lock_config=False)
@@ -45,30 +43,10 @@ _REFERENCE = flags.DEFINE_string('reference', None, "timm:MODEL_NAME, or 'hf_vit
 
 
 def time_jax(config, batch) -> tuple[float, float]:
-  devices = jax.devices()[:_DEVICES.value]
-  config.mesh.data, config.mesh.fsdp, config.mesh.tensor = len(devices), 1, 1
-  mesh = sharding.make_mesh(config.mesh, devices)
-  rules = sharding.logical_rules(config.sharding_rules)
-  model, objective = loop.build_model(config), objectives.make_objective(config.task)
-  adapter = adapters.make_adapter(config.get('adapter'))
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    fns = steps.build(config, mesh, rules, model, objective, adapter, objective.example_input(batch))
-    trainable, base = fns.split(fns.init_params(fns.init_key))
-    state, frozen = fns.init_state(trainable), ({state_lib.BASE: base} if base else {})
-    global_batch = sharding.global_batch(batch, fns.batch_sharding)
-    lr = fns.learning_rates[0]
-    compiled = fns.train.lower(state, frozen, global_batch, lr).compile()
-    cost = compiled.cost_analysis()
-    flops = float((cost[0] if isinstance(cost, (list, tuple)) else cost)['flops'])
-    state, metrics = compiled(state, frozen, global_batch, lr)
-    jax.block_until_ready(metrics)
-    times = []
-    for _ in range(_STEPS.value):
-      t = time.perf_counter()
-      state, metrics = compiled(state, frozen, global_batch, lr)
-      jax.block_until_ready(metrics)
-      times.append(time.perf_counter() - t)
-  return statistics.median(times), flops
+  step = compile_step(config, batch, jax.devices()[:_DEVICES.value])
+  cost = step.compiled.cost_analysis()
+  flops = float((cost[0] if isinstance(cost, (list, tuple)) else cost)['flops'])
+  return step.time(_STEPS.value), flops
 
 
 def time_reference(spec: str, config, batch) -> float:

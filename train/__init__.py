@@ -1,7 +1,8 @@
-"""The one training loop shared by every model: mesh sharding, tasks, optimizers, checkpoints, metrics.
+"""The one training loop shared by every model: mesh sharding, objectives, adapters, optimizers, checkpoints.
 
 The compute-budget study (sweep, analysis, scaling fits) lives in train/study/, the tools (pod launcher,
-weight import/export, sampling) in train/tools/; `python -m train.NAME` runs each through train/NAME.py.
+weight import/export, run loading, sampling) in train/tools/; `python -m train.NAME` runs each through
+train/NAME.py. The runtime here imports neither (tests/test_layering.py).
 """
 
 # Exit status of `python -m train` (and train.sweep) stopped by a preemption notice after saving, so that a

@@ -22,6 +22,8 @@ from typing import Any
 import flax.linen as nn
 from flax import traverse_util
 
+from train import build
+
 Params = Any
 
 
@@ -90,16 +92,8 @@ ADAPTERS = {'none': NoAdapter, 'freeze': Freeze}
 
 
 def make_adapter(adapter_config: Mapping[str, Any] | None):
-  """The adapter `adapter_config.name` names, built with the config's other fields."""
-  kwargs = dict(adapter_config.to_dict() if hasattr(adapter_config, 'to_dict') else adapter_config or {})
-  name = kwargs.pop('name', None) or 'none'
-  kwargs = {k: v for k, v in kwargs.items() if v is not None}  # Unset optional fields of other adapters.
-  if name not in ADAPTERS:
-    raise ValueError(f'adapter.name={name!r} is unknown; choose one of {sorted(ADAPTERS)}.')
-  try:
-    return ADAPTERS[name](**kwargs)
-  except TypeError as e:
-    raise ValueError(f'config.adapter does not fit the {name!r} adapter: {e}') from None
+  """The adapter `adapter_config.name` names ('none' when absent), built with the config's other fields."""
+  return build.from_registry('adapter', ADAPTERS, adapter_config, default='none')
 
 
 def trainable_fraction(adapter, abstract_params: Params) -> float:

@@ -1,7 +1,9 @@
-"""Models from configs: `config.model_name` names a module under models/, whose `Model` is built with `config.model`.
+"""Things the config names: a model (`config.model_name`, a module under models/ whose `Model` is built with
+`config.model`), an objective or an adapter (a `name` in a registry, built with the section's other fields).
 
 The runtime's only door to models/: nothing else in train/ names a model.
 """
+from collections.abc import Mapping
 import importlib
 import pkgutil
 from typing import Any
@@ -29,3 +31,17 @@ def build_model(config):
     return module.Model(**model_kwargs(config))
   except TypeError as e:
     raise ValueError(f'config.model does not fit models.{config.model_name}.Model: {e}') from None
+
+
+def from_registry(section: str, registry: Mapping[str, Any], fields: Mapping[str, Any] | None,
+                  default: str | None = None):
+  """registry[fields.name](**other fields), for the config section `section` (e.g. 'adapter'); fields left
+  None are left out (the unset options of another entry). One-line ValueErrors for a bad name or field."""
+  kwargs = dict(fields.to_dict() if hasattr(fields, 'to_dict') else fields or {})
+  name = kwargs.pop('name', None) or default
+  if name not in registry:
+    raise ValueError(f'{section}.name={name!r} is unknown; choose one of {sorted(registry)}.')
+  try:
+    return registry[name](**{k: v for k, v in kwargs.items() if v is not None})
+  except TypeError as e:
+    raise ValueError(f'config.{section} does not fit {section} {name!r}: {e}') from None

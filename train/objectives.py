@@ -30,6 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from train import build
+
 
 def backprop_flops(forward_flops: float, trainable_fraction: float) -> float:
   """A forward pass and its backward: gradients of the activations (about one forward) and of the trained
@@ -168,14 +170,7 @@ OBJECTIVES = {'classification': Classification, 'language_model': LanguageModel}
 
 def make_objective(task_config: Mapping[str, Any]):
   """The objective `task_config.name` names, built with the config's other fields."""
-  kwargs = dict(task_config.to_dict() if hasattr(task_config, 'to_dict') else task_config)
-  name = kwargs.pop('name')
-  if name not in OBJECTIVES:
-    raise ValueError(f'task.name={name!r} is unknown; choose one of {sorted(OBJECTIVES)}.')
-  try:
-    return OBJECTIVES[name](**kwargs)
-  except TypeError as e:
-    raise ValueError(f'config.task does not fit the {name!r} objective: {e}') from None
+  return build.from_registry('task', OBJECTIVES, task_config)
 
 
 def mean_loss(objective, model, params, frozen, batch, rng, train: bool):
