@@ -37,7 +37,7 @@ def compile_step(config, batch, devices) -> CompiledStep:
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     fns = steps.build(config, mesh, rules, loop.build_model(config), objective,
                       adapters.make_adapter(config.get('adapter')), objective.example_input(batch))
-    trainable, base = fns.split(fns.init_params(fns.init_key))
-    args = [fns.init_state(trainable), {state_lib.BASE: base} if base else {},
+    state, base = fns.init(fns.init_key)
+    args = [state, {state_lib.BASE: base} if base else {},
             sharding.global_batch(batch, fns.batch_sharding), fns.learning_rates[0]]
     return CompiledStep(fns.train.lower(*args).compile(), args)

@@ -189,18 +189,18 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict
       return objective.eval_summary(sums)
 
     latest = checkpointer.latest_step()
-    # The frozen trees come from the initial parameters at every start; a fresh state from them too.
-    frozen, trainable = {}, None
-    if latest is None or state_lib.BASE in fns.frozen_shardings:
-      trainable, base = fns.split(_initial_params(config, fns))
-      if state_lib.BASE in fns.frozen_shardings:
-        frozen[state_lib.BASE] = base
+    # The frozen trees come from the initial parameters at every start, fresh or resumed.
+    frozen = {}
+    if latest is None:
+      state, base = fns.start(_initial_params(config, fns)) if config.get('init_params') else fns.init(fns.init_key)
+      meta = {'core_hours': 0.0}
+    elif state_lib.BASE in fns.frozen_shardings:
+      _, base = fns.split(_initial_params(config, fns))
+    if state_lib.BASE in fns.frozen_shardings:
+      frozen[state_lib.BASE] = base
     for name, source in sources.items():  # Own buffers: a tree shared with the donated state would be freed.
       frozen[name] = _initial_params(config, fns, source)
-    if latest is None:
-      state = fns.init_state(trainable)
-      meta = {'core_hours': 0.0}
-    else:
+    if latest is not None:
       target = checkpoint_lib.abstract_with_shardings(fns.abstract_state, fns.state_shardings)
       state, meta = checkpointer.restore(latest, target, train_iter)
       if process_index == 0:

@@ -25,6 +25,8 @@ from train import state as state_lib
 
 @dataclasses.dataclass(frozen=True)
 class Steps:
+  init: Callable[[jax.Array], tuple[Any, Any]]  # rng -> (state, frozen base) of the seeded parameters: a fresh run
+  start: Callable[[Any], tuple[Any, Any]]     # params -> (state, frozen base): a fresh run from given parameters
   init_params: Callable[[jax.Array], Any]     # rng -> the model's seeded parameters, sharded
   split: Callable[[Any], tuple[Any, Any]]     # params -> (trainable, frozen base), sharded
   init_state: Callable[[Any], Any]            # trainable -> state (step 0, optimizer state, EMA)
@@ -138,11 +140,18 @@ def build(config, mesh, rules, model, objective, adapter, example, frozen_names=
                'train/param_norm': optax.tree.norm(trainable), **objective.train_summary(sums)}
     return state_lib.advance(state, trainable, opt_state, config.optimizer), metrics
 
+  def start(params):
+    trainable, base = adapter.split(params, split_key)
+    return init_state(trainable), base
+
   def eval_step(trainable, frozen, batch):
     params = adapter.merge(trainable, frozen.get(state_lib.BASE, {}))
     return objective.eval_sums(model, params, frozen, batch)
 
+  # One compilation each for what a run needs at its start (the persistent cache keeps them).
   return Steps(
+      init=jax.jit(lambda rng: start(nn.unbox(boxed_params(rng))), out_shardings=(state_shardings, base_shardings)),
+      start=jax.jit(start, in_shardings=(param_shardings,), out_shardings=(state_shardings, base_shardings)),
       init_params=jax.jit(lambda rng: nn.unbox(boxed_params(rng)), out_shardings=param_shardings),
       split=jax.jit(lambda params: adapter.split(params, split_key), in_shardings=(param_shardings,),
                     out_shardings=(trainable_shardings, base_shardings)),

@@ -322,7 +322,9 @@ def test_remat_gradients_match():
                                          rngs={'dropout': jax.random.key(0)}) ** 2)
     return jax.jit(jax.grad(loss))(params)
 
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+  # Absolute tolerance on the scale of each gradient: remat changes XLA's fusion and so the order of float32
+  # sums, which leaves ~1e-6 of a leaf's largest entry on its near-cancelling ones.
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * max(1.0, np.abs(b).max())),
                grads(base.clone(remat=True)), grads(base))
 
 

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from train import optimizers
+from train import adapters, optimizers
 
 PARAMS = {'encoder': {'dense': {'kernel': jnp.ones((3, 2)), 'bias': jnp.ones((2,))}},
           'head': {'kernel': jnp.ones((2, 4)), 'bias': jnp.ones((4,))}}
@@ -73,13 +73,18 @@ def test_sgd_nesterov_matches_formula():
 
 
 def test_gradient_clipping_and_freezing():
-  config = {'name': 'sgd', 'momentum': 0.0, 'grad_clip_norm': 1.0, 'frozen_params': r'encoder/.*'}
-  tx = optimizers.make_optimizer(config, lambda step: 1.0, PARAMS)
-  grads = jax.tree.map(lambda p: 10.0 * jnp.ones_like(p), PARAMS)
-  updates, _ = tx.update(grads, tx.init(PARAMS), PARAMS)
-  np.testing.assert_array_equal(updates['encoder']['dense']['kernel'], 0.0)
+  # Freezing is the adapter's: the optimizer (and its clipping) sees the trainable parameters only.
+  adapter = adapters.make_adapter({'name': 'freeze', 'params': r'encoder/.*'})
+  trainable, frozen = adapter.split(PARAMS)
+  config = {'name': 'sgd', 'momentum': 0.0, 'grad_clip_norm': 1.0}
+  tx = optimizers.make_optimizer(config, lambda step: 1.0, trainable)
+  grads = jax.tree.map(lambda p: 10.0 * jnp.ones_like(p), trainable)
+  updates, _ = tx.update(grads, tx.init(trainable), trainable)
+  assert 'encoder' not in updates and jax.tree.leaves(frozen)
   # Clipping sees the gradients of the trained parameters only: head has 12 entries of 10.
   np.testing.assert_allclose(updates['head']['kernel'], -10.0 / math.sqrt(12 * 100), rtol=1e-5)
+  with pytest.raises(ValueError, match=r"optimizer.frozen_params moved: set config.adapter = dict\(name='freeze'"):
+    optimizers.make_optimizer({**config, 'frozen_params': r'encoder/.*'}, lambda step: 1.0, PARAMS)
 
 
 def test_ema_decay_warmup_formula():

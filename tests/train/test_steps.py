@@ -45,7 +45,7 @@ def test_microbatches_lower_the_step_temporaries(tiny_config):
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
       fns = steps.build(config, mesh, rules, loop.build_model(config), objective, adapters.make_adapter(None),
                         objective.example_input(batch))
-      state = fns.init_state(fns.split(fns.init_params(fns.init_key))[0])
+      state, _ = fns.init(fns.init_key)
       compiled = fns.train.lower(state, {}, sharding.global_batch(batch, fns.batch_sharding),
                                  fns.learning_rates[0]).compile()
     temporaries[m] = compiled.memory_analysis().temp_size_in_bytes
