@@ -29,7 +29,6 @@ class Steps:
   start: Callable[[Any], tuple[Any, Any]]     # params -> (state, frozen base): a fresh run from given parameters
   init_params: Callable[[jax.Array], Any]     # rng -> the model's seeded parameters, sharded
   split: Callable[[Any], tuple[Any, Any]]     # params -> (trainable, frozen base), sharded
-  init_state: Callable[[Any], Any]            # trainable -> state (step 0, optimizer state, EMA)
   train: Callable[[Any, Any, Any, Any], tuple[Any, Any]]  # (state, frozen, batch, lr) -> (state, metrics); donates state
   eval: Callable[[Any, Any, Any], Any]        # (trainable, frozen, global batch) -> replicated sums
   abstract_params: Any                        # the model's whole parameter tree (ShapeDtypeStructs)
@@ -155,7 +154,6 @@ def build(config, mesh, rules, model, objective, adapter, example, frozen_names=
       init_params=jax.jit(lambda rng: nn.unbox(boxed_params(rng)), out_shardings=param_shardings),
       split=jax.jit(lambda params: adapter.split(params, split_key), in_shardings=(param_shardings,),
                     out_shardings=(trainable_shardings, base_shardings)),
-      init_state=jax.jit(init_state, in_shardings=(trainable_shardings,), out_shardings=state_shardings),
       train=jax.jit(train_step, in_shardings=(state_shardings, frozen_shardings, batch_sharding, replicated),
                     out_shardings=(state_shardings, replicated), donate_argnums=0),
       eval=jax.jit(eval_step, in_shardings=(trainable_shardings, frozen_shardings, batch_sharding),
