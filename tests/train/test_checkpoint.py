@@ -2,7 +2,6 @@
 import jax
 import pytest
 
-from configs import vit_digits
 from train import checkpoint, loop
 
 
@@ -16,13 +15,8 @@ def test_data_process_counts_read_grain_state_names(tmp_path):
   assert checkpoint.data_process_counts(str(tmp_path / '8')) == [4]
 
 
-def test_resume_with_another_process_count_is_a_one_line_error(digits_dir, tmp_path, monkeypatch):
-  c = vit_digits.get_config()
-  c.model.update(width=16, depth=1, mlp_dim=32, num_heads=2, patch_size=4)
-  c.data.data_dir = digits_dir
-  c.batch_size = c.eval_batch_size = 16
-  c.total_steps, c.log_every_steps, c.eval_every_steps, c.checkpoint_every_steps = 1, 1, 0, 1
-  c.schedule.warmup_steps = 0
+def test_resume_with_another_process_count_is_a_one_line_error(digits_dir, tmp_path, monkeypatch, tiny_config):
+  c = tiny_config(digits_dir, total_steps=1, checkpoint_every_steps=1, **{'model.depth': 1, 'schedule.warmup_steps': 0})
   loop.train(c, str(tmp_path))  # One process: checkpoints/1/data/process_0-of-1.json.
   assert checkpoint.data_process_counts(str(tmp_path / 'checkpoints' / '1')) == [1]
 

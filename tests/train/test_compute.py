@@ -224,13 +224,9 @@ def test_num_train_examples(digits_dir):
   assert pipeline.num_train_examples({'name': 'not_counted', 'num_train_examples': 4_000_000_000}) == 4e9
 
 
-def test_epochs_budget_sets_the_loop_length_and_compute_metrics(digits_dir, tmp_path, capsys):
-  c = vit_digits.get_config()
-  c.model.update(width=16, depth=2, mlp_dim=32, num_heads=2, patch_size=4)
-  c.data.data_dir = digits_dir
-  c.batch_size = c.eval_batch_size = 64
-  c.total_steps, c.log_every_steps, c.eval_every_steps, c.checkpoint_every_steps = 0, 5, 0, 100
-  c.schedule.warmup_steps = 1
+def test_epochs_budget_sets_the_loop_length_and_compute_metrics(digits_dir, tmp_path, capsys, tiny_config):
+  c = tiny_config(digits_dir, batch_size=64, eval_batch_size=64, total_steps=0, log_every_steps=5,
+                  checkpoint_every_steps=100)
   c.budget = dict(epochs=0.5, hardware='cpu', mfu=0.3)
   out = loop.train(c, str(tmp_path))
   assert c.total_steps == out['step'] == 12  # ceil(0.5 x 1437 / 64)
