@@ -7,7 +7,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 
-from train import adapters, loop, objectives, sharding, steps
+from train import adapters, loop, objectives, profiling, sharding, steps
 from train import state as state_lib
 
 
@@ -16,15 +16,26 @@ class CompiledStep:
   compiled: Any        # the jitted train step, compiled for these arguments
   args: list           # [state, frozen, global batch, learning rate]
 
-  def time(self, repeats: int) -> float:
-    """Median seconds of `repeats` steps after one warm-up step (the state is carried from step to step)."""
+  def time(self, repeats: int, profile_dir: str | None = None) -> float:
+    """Median seconds of `repeats` steps after one warm-up step (the state is carried from step to step).
+
+    profile_dir: a jax.profiler trace of the timed steps is written there (TensorBoard's profile plugin,
+    perfetto_trace.json.gz for Perfetto); tracing slows the steps a little.
+    """
+    profiler = profiling.StepProfiler((1, repeats + 1), profile_dir or '', enabled=bool(profile_dir))
     times = []
-    for i in range(repeats + 1):
-      start = time.perf_counter()
-      self.args[0], metrics = self.compiled(*self.args)
-      jax.block_until_ready(metrics)
-      if i:
-        times.append(time.perf_counter() - start)
+    try:
+      for i in range(repeats + 1):
+        profiler.before_step(i)
+        start = time.perf_counter()
+        with profiler.annotate(i):
+          self.args[0], metrics = self.compiled(*self.args)
+          jax.block_until_ready(metrics)
+        if i:
+          times.append(time.perf_counter() - start)
+        profiler.after_step(i + 1, metrics)
+    finally:
+      profiler.close()
     return statistics.median(times)
 
 

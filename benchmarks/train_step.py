@@ -17,6 +17,9 @@ issue 4 beside HF's MistralForCausalLM:
       --config.model.mlp_dim=1536 --config.model.vocab_size=4096 --config.model.sliding_window=256 \
       --config.model.block_size=256
 
+--profile_dir=DIR writes a jax.profiler trace of the timed steps to DIR (`tensorboard --logdir=DIR`, or
+DIR/plugins/profile/*/perfetto_trace.json.gz in ui.perfetto.dev).
+
 Any `--config.*` override applies. XLA's cost analysis counts the body of a loop once, so benchmark FLOPs
 with `--config.model.scan=False` (the step time itself is valid either way).
 """
@@ -38,6 +41,8 @@ _CHANNELS = flags.DEFINE_integer('channels', 3, 'Input channels.')
 _STEPS = flags.DEFINE_integer('steps', 5, 'Timed steps (after one compile step).')
 _DEVICES = flags.DEFINE_integer('devices', 1, 'Devices to shard over (mesh data axis).')
 _SEQ_LEN = flags.DEFINE_integer('seq_len', 1024, 'Tokens per row (language-model configs).')
+_PROFILE_DIR = flags.DEFINE_string('profile_dir', None, 'Write a jax.profiler trace of the timed jax steps here '
+                                   '(as config.profile_steps does in a run): TensorBoard profile plugin, Perfetto.')
 _REFERENCE = flags.DEFINE_string('reference', None, "timm:MODEL_NAME, or 'hf_vit' / 'hf_mistral' (HF model of "
                                  "the config's shape).")
 
@@ -46,7 +51,7 @@ def time_jax(config, batch) -> tuple[float, float]:
   step = compile_step(config, batch, jax.devices()[:_DEVICES.value])
   cost = step.compiled.cost_analysis()
   flops = float((cost[0] if isinstance(cost, (list, tuple)) else cost)['flops'])
-  return step.time(_STEPS.value), flops
+  return step.time(_STEPS.value, profile_dir=_PROFILE_DIR.value), flops
 
 
 def time_reference(spec: str, config, batch) -> float:

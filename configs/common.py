@@ -79,6 +79,13 @@ def optional(field_type, value=None):
   return config_dict.FieldReference(value, field_type=field_type)
 
 
+def profile_steps(steps: tuple[int, int] | None = None):
+  """config.profile_steps: (START, STOP) traces the steps START..STOP-1 with jax.profiler into WORKDIR/profile
+  (TensorBoard's profile plugin, Perfetto); None: no trace. Every config has it, so that
+  --config.profile_steps=10,15 works on any."""
+  return optional(tuple, steps)
+
+
 # The compute-budget study (configs/convnets_at_scale.py, configs/vit_at_scale.py): dataset name ->
 # (training images, classes, held-out split). JFT-4B is private: 'jft4b' is a tfds builder you provide.
 STUDY_DATASETS = {'imagenet2012': (1_281_167, 1000, 'validation'), 'jft4b': (4_000_000_000, 30_000, 'test')}

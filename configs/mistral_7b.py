@@ -60,6 +60,7 @@ def get_config(arg=None):
   c.microbatches = 1
   c.mesh = common.mesh(data=1, fsdp=-1, tensor=4)
   c.sharding_rules = common.sharding_rules()
+  c.profile_steps = common.profile_steps()  # e.g. (10, 15): a jax.profiler trace of steps 10-14
 
   if arg.runlocal:
     c.model.update(embed_dim=64, num_layers=2, num_heads=8, num_kv_heads=4, head_dim=8, mlp_dim=128,

@@ -50,6 +50,7 @@ def get_config(arg=None):
   c.microbatches = 1
   c.mesh = common.mesh(data=1, fsdp=-1, tensor=1)
   c.sharding_rules = common.sharding_rules()
+  c.profile_steps = common.profile_steps()  # e.g. (10, 15): a jax.profiler trace of steps 10-14
 
   if arg.runlocal:
     c.model.update(depth=2, dtype='float32', scan=False, remat=False)

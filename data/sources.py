@@ -3,7 +3,7 @@ from collections.abc import Sequence
 import os
 
 import tensorflow_datasets as tfds
-from tensorflow_datasets.core import file_adapters
+from tensorflow_datasets.core import constants, file_adapters
 
 from . import digits
 from . import text
@@ -20,6 +20,12 @@ def _build_hint(name, data_dir) -> str:
   return f'`tfds build {name} --data_dir={_where(data_dir)} --file_format=array_record`'
 
 
+def _is_prepared(builder) -> bool:
+  """builder.is_prepared(), without its warning 'Variant folder ... has no dataset_info.json' for a dataset not
+  built yet: the first run of each of our own builders meets that, and prepares the dataset."""
+  return (builder.data_path / constants.DATASET_INFO_FILENAME).exists() and builder.is_prepared()
+
+
 def get_source(name: str, split: str, data_dir: str | None = None, *,
                builder_config=None) -> Sequence[dict]:
   """Random-access TFDS source (ArrayRecord) for `split` of `name`; own builders are prepared.
@@ -34,7 +40,7 @@ def get_source(name: str, split: str, data_dir: str | None = None, *,
     raise FileNotFoundError(
         f'TFDS dataset {name!r} not found: no registered builder and no prepared copy under '
         f'{_where(data_dir)}; prepare it with {_build_hint(name, data_dir)}.') from None
-  if not builder.is_prepared():
+  if not _is_prepared(builder):
     if builder.name not in OWN_BUILDERS:
       raise FileNotFoundError(
           f'TFDS dataset {name!r} is not prepared: nothing at {builder.data_dir}; prepare it '

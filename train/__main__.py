@@ -1,12 +1,21 @@
 """Command line: python -m train --config=configs/NAME.py[:ARGS] --workdir=DIR [--config.key=value ...]
 
-Exit status: 0 once the run has reached total_steps; 75 (PREEMPTED_EXIT) when a preemption notice stopped it
-after saving, so that a restart loop (train.launch's) reruns the same command, which resumes; 3 for a non-finite
-loss; 2 for bad input (an unknown override, a missing dataset, a mesh or batch that does not fit the devices),
-which ends the run at start-up with one line on stderr saying what is wrong and what to do (train/cli.py
-names these statuses and writes that line).
+Exit status (train/cli.py names them; train.launch's restart loop retries 1, 74 and 75, never 2 or 3):
+  0   the run has reached total_steps.
+  2   bad input, found at start-up where it can be: a config file that fails to load, an unknown override, an
+      interval, learning rate or warmup out of range, a mesh or batch that does not fit the devices, a missing
+      dataset, an unwritable workdir, a workdir in use by another run or holding another model, a checkpoint
+      with nothing readable. Never retried: fix what the line says.
+  3   a non-finite loss (a resumed run would repeat it exactly); the last good checkpoint is kept.
+  74  an I/O failure while running (a full disk during a save, a network filesystem error): rerun the same
+      command once the storage is back; it resumes from the last checkpoint.
+  75  a preemption notice (SIGTERM) stopped the run after saving: rerun the same command to resume.
+  1   anything unexpected (a bug).
+Each failure ends with one `error: ...` line on stderr saying what is wrong and what to do; --traceback adds the
+full traceback before it.
 """
 import sys
+import tempfile
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -16,7 +25,7 @@ from train import cli
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Path to a config file, optionally with :ARGS.',
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints and metrics.jsonl (resumed if present).')
-_TRACEBACK = flags.DEFINE_bool('traceback', False, 'Show full tracebacks for configuration errors.')
+_TRACEBACK = flags.DEFINE_bool('traceback', False, 'Show the full traceback of an error before its one line.')
 _COORDINATOR = flags.DEFINE_string('coordinator_address', None, 'HOST:PORT of process 0 in a multi-process run '
                                    '(default $JAX_COORDINATOR_ADDRESS; TPU slices are detected without it).')
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes in the run (default $JAX_NUM_PROCESSES).')
@@ -32,31 +41,35 @@ def _parse(argv):
   return rest
 
 
+def _check_workdir(workdir: str) -> None:
+  """Creates the workdir and, when it is local, proves it writable before anything compiles."""
+  from etils import epath
+  from train import paths
+  try:
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+    if not paths.is_url(workdir):  # A bucket's permissions show at the first write; a probe there costs a request.
+      with tempfile.TemporaryFile(dir=workdir):
+        pass
+  except ImportError as e:  # Nothing to reach gs:// with.
+    cli.fail(f'--workdir={workdir}: {e} (pip install -e \'.[tpu]\' brings it).')
+  except OSError as e:
+    cli.fail(f'--workdir={workdir} is not a writable directory ({cli.one_line(e)}); choose another --workdir or '
+             'make it writable.')
+
+
 def main(argv):
   del argv
+  _check_workdir(_WORKDIR.value)
   from train import distributed
   try:  # Before anything starts a JAX backend.
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   except ValueError as e:
     cli.fail(e)
-  from etils import epath
   import tensorflow_datasets as tfds
   from train import loop  # After flag parsing, so --help is fast and errors come first.
   tfds.disable_progress_bar()
-  try:
-    epath.Path(_WORKDIR.value).mkdir(parents=True, exist_ok=True)
-  except ImportError as e:  # Nothing to reach gs:// with.
-    cli.fail(f'--workdir={_WORKDIR.value}: {e} (pip install -e \'.[tpu]\' brings it).')
-  except OSError as e:
-    cli.fail(f'cannot create --workdir={_WORKDIR.value}: {cli.one_line(e)}')
-  try:
+  with cli.ending_failures(_TRACEBACK.value):
     result = loop.train(_CONFIG.value, _WORKDIR.value)
-  except loop.NonFiniteLossError as e:
-    cli.fail(e, code=cli.NON_FINITE_EXIT)
-  except (ValueError, FileNotFoundError) as e:
-    if _TRACEBACK.value:
-      raise
-    cli.fail(f'{cli.one_line(e)} (--traceback for details)')
   distributed.shutdown()
   if result['preempted']:
     sys.exit(cli.PREEMPTED_EXIT)

@@ -15,13 +15,23 @@ def model_kwargs(config) -> dict[str, Any]:
   return config.model.to_dict() if isinstance(config.model, ml_collections.ConfigDict) else dict(config.model)
 
 
-def model_module(config):
-  """models.<config.model_name>, or a one-line ValueError naming the modules there are."""
+def model_names() -> list[str]:
+  """The models under models/: every module but the shared blocks (common) and the weight converters
+  (NAME_weights), which define no Model."""
   import models
-  available = sorted(m.name for m in pkgutil.iter_modules(models.__path__))
+  return sorted(m.name for m in pkgutil.iter_modules(models.__path__)
+                if m.name != 'common' and not m.name.endswith('_weights'))
+
+
+def model_module(config):
+  """models.<config.model_name>, or a one-line ValueError naming the models there are."""
+  available = model_names()
   if config.model_name not in available:
-    raise ValueError(f'model_name={config.model_name!r} is not a module under models/; choose one of {available}.')
-  return importlib.import_module(f'models.{config.model_name}')
+    raise ValueError(f'model_name={config.model_name!r} is not a model under models/; choose one of {available}.')
+  module = importlib.import_module(f'models.{config.model_name}')
+  if not hasattr(module, 'Model'):  # A new helper module that the naming rule above does not exclude.
+    raise ValueError(f'models.{config.model_name} defines no Model; choose one of {available}.')
+  return module
 
 
 def build_model(config):

@@ -9,8 +9,10 @@ Frozen trees: the adapter's `base`, and each tree the objective needs (`objectiv
 the path of an imported model or a workdir. They are rebuilt at every start, fresh or resumed, and never saved.
 """
 import json
+import os
 import signal
 import threading
+import time
 from typing import Any
 
 from etils import epath
@@ -21,11 +23,13 @@ import ml_collections
 import numpy as np
 
 from data import pipeline
-from train import adapters, compute, objectives, runs, sharding
+from train import adapters, cli, compute, objectives, runs, sharding
 from train import checkpoint as checkpoint_lib
 from train import metrics as metrics_lib
+from train import profiling
 from train import state as state_lib
 from train import steps as steps_lib
+from train import workdir as workdir_lib
 from train.build import build_model  # noqa: F401 - `loop.build_model` is public
 
 REQUIRED_FIELDS = ('model_name', 'model', 'task', 'batch_size', 'total_steps', 'seed', 'log_every_steps',
@@ -34,16 +38,41 @@ REQUIRED_FIELDS = ('model_name', 'model', 'task', 'batch_size', 'total_steps', '
 
 
 def check_config(config, num_devices: int, process_count: int) -> tuple[int, ...]:
-  """Fails fast, with one line, on what would otherwise fail deep inside the run."""
+  """Fails fast, with one line, on what would otherwise fail deep inside the run or train silently wrong.
+
+  Intervals are whole numbers of steps: log_every_steps and checkpoint_every_steps at least 1 (the last step
+  is always logged and saved as well), eval_every_steps at least 0, where 0 means never (not even at the end).
+  Learning rates, warmups, weight decay and clipping thresholds are >= 0 (a learning rate of 0 keeps the
+  initial parameters: how an imported model is evaluated through the loop); EMA decay, momentum, Adam's
+  betas and warmup_fraction lie in [0, 1].
+  """
   missing = [f for f in REQUIRED_FIELDS if f not in config]
   if missing:
     raise ValueError(f'config lacks fields {missing}; every config sets {list(REQUIRED_FIELDS)}.')
   if config.total_steps <= 0 and not config.get('budget'):  # A budget sets total_steps.
     raise ValueError(f'total_steps={config.total_steps} must be positive (or set config.budget).')
+  for name, least in (('log_every_steps', 1), ('checkpoint_every_steps', 1), ('eval_every_steps', 0)):
+    value = config[name]
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+      raise ValueError(f'{name}={value!r} must be a whole number of steps >= {least}'
+                       f'{" (0: never evaluate)" if least == 0 else ""}; set --config.{name}.')
+  ranges = [(f'schedule.{f}', None) for f in ('base_learning_rate', 'end_learning_rate', 'warmup_steps')]
+  ranges += [(f'optimizer.{f}', None) for f in ('weight_decay', 'grad_clip_norm', 'agc_clip')]
+  ranges += [(name, 1) for name in ('schedule.warmup_fraction', 'optimizer.ema_decay', 'optimizer.momentum',
+                                    'optimizer.b1', 'optimizer.b2')]
+  for name, most in ranges:
+    section, field = name.split('.')
+    value = (config.get(section) or {}).get(field)
+    if value is None:  # Unset: the option is off or takes its default.
+      continue
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= (most or float('inf')):
+      raise ValueError(f'{name}={value!r} must be {"in [0, 1]" if most else ">= 0"}; set --config.{name}.')
   shape = sharding.mesh_shape(config.mesh, num_devices)
   data_parallel = shape[0] * shape[1]
   for name in ('batch_size', 'eval_batch_size'):
     size = config.get(name) or config.batch_size
+    if size < 1:
+      raise ValueError(f'{name}={size} must be positive.')
     if size % data_parallel:
       raise ValueError(f'{name}={size} is not divisible by the data-parallel size data*fsdp={data_parallel}; '
                        f'use a multiple of {data_parallel}.')
@@ -71,30 +100,55 @@ def frozen_sources(config, objective) -> dict[str, str]:
 
 
 class _StopFlag:
-  """Set by SIGTERM (a preemption notice); the loop saves and exits at the next step boundary.
+  """Set by SIGTERM (a preemption notice) or a first Ctrl-C (SIGINT): the loop saves and exits at the next step
+  boundary, with PREEMPTED_EXIT like a preemption.
+
+  A second Ctrl-C ends the process at once with status 130 (128 + SIGINT, what a shell reports for Ctrl-C),
+  through os._exit: unwinding would wait for the save in flight, and the person pressing twice wants out now.
+  Nothing is lost but the steps since the last complete checkpoint: orbax finalises a step by renaming its
+  temporary directory, so a half-written one is never resumed from. `on_abort` runs first (the workdir lock is
+  released there).
 
   Only for a single process: with several, a signal reaching one host must not make it leave the
   collectives alone, so there JAX's preemption service (orbax's `reached_preemption`, synced across
   hosts) is the only trigger.
   """
 
-  def __init__(self, enabled: bool):
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+  def __init__(self, enabled: bool, on_abort=None):
     self.requested = False
     self.enabled = enabled
-    self._previous = None
+    self.on_abort = on_abort
+    self.interrupts = 0
+    self._previous = {}
 
   def __enter__(self):
     if self.enabled and threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
+      self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
     return self
 
   def _handle(self, signum, frame):
-    del signum, frame
+    del frame
+    if signum != signal.SIGINT:
+      self.requested = True
+      return
+    self.interrupts += 1
     self.requested = True
+    if self.interrupts == 1:
+      # os.write, not print: a handler may run while the main thread is inside print's buffer.
+      os.write(2, b'\nstopping at the next step boundary to save a checkpoint (Ctrl-C again: stop at once, '
+                  b'losing the steps since the last one)\n')
+      return
+    if self.on_abort is not None:
+      self.on_abort()
+    os.write(2, b'error: interrupted twice: stopped without saving; rerun the same command to resume from the '
+                b'last checkpoint\n')
+    os._exit(cli.INTERRUPTED_EXIT)
 
   def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    for s, previous in self._previous.items():
+      signal.signal(s, previous)
 
 
 def _initial_params(config, fns, source: str | None = None):
@@ -129,10 +183,26 @@ class NonFiniteLossError(FloatingPointError):
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict[str, Any]:
-  """Trains (or resumes) the run in `workdir` on `devices` (default: all).
+  """Trains (or resumes) the run in `workdir` on `devices` (default: all), holding the workdir's lock.
 
-  Returns {'step', 'preempted', 'eval', 'state', 'frozen'}.
+  Returns {'step', 'preempted', 'eval', 'state', 'frozen'}. A workdir another live run holds raises
+  workdir.WorkdirLockedError (a ValueError) before anything there changes.
   """
+  if jax.process_index() == 0:
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+  lock = workdir_lib.Lock(workdir, enabled=jax.process_index() == 0)
+  refused = None
+  try:
+    lock.acquire()
+  except workdir_lib.WorkdirLockedError as e:
+    refused = e
+  if checkpoint_lib.any_process(refused is not None):  # Every process stops, not only process 0.
+    raise refused or workdir_lib.WorkdirLockedError(f'{workdir} is in use by another run (see process 0).')
+  with lock:
+    return _train(config, workdir, devices, lock)
+
+
+def _train(config, workdir: str, devices, lock: workdir_lib.Lock) -> dict[str, Any]:
   devices = jax.devices() if devices is None else list(devices)
   process_index, process_count = jax.process_index(), jax.process_count()
   check_config(config, len(devices), process_count)
@@ -169,10 +239,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict
   if hardware:
     compute.peak_flops(hardware)  # 'cpu' is measured here, not between training steps.
 
-  writer = metrics_lib.MetricWriter(workdir, enabled=process_index == 0)
-  if process_index == 0:  # What ran, for the record and for tools that reload the run (train.sample).
-    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
-    epath.Path(workdir, 'config.json').write_text(config.to_json_best_effort(indent=2))
+  writer = metrics_lib.MetricWriter(workdir, enabled=process_index == 0, tensorboard=True)
+  profiler = profiling.StepProfiler(config.get('profile_steps'), os.path.join(workdir, 'profile'),
+                                    enabled=process_index == 0)
   checkpointer = checkpoint_lib.Checkpointer(workdir, max_to_keep=config.get('checkpoints_to_keep', 3))
 
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
@@ -188,7 +257,15 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict
         raise RuntimeError(f'evaluation saw {int(sums["count"])} examples, expected {num_eval}.')
       return objective.eval_summary(sums)
 
-    latest = checkpointer.latest_step()
+    # The newest step this config can resume from, checked against it before any array is read (unreadable
+    # steps are moved aside); None for a fresh workdir.
+    target = checkpoint_lib.abstract_with_shardings(fns.abstract_state, fns.state_shardings)
+    try:
+      restored = checkpointer.restore_latest(target, train_iter)
+    except BaseException:
+      checkpointer.close()
+      raise
+    latest = restored[0] if restored else None
     # The frozen trees come from the initial parameters at every start, fresh or resumed.
     frozen = {}
     if latest is None:
@@ -201,12 +278,17 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict
     for name, source in sources.items():  # Own buffers: a tree shared with the donated state would be freed.
       frozen[name] = _initial_params(config, fns, source)
     if latest is not None:
-      target = checkpoint_lib.abstract_with_shardings(fns.abstract_state, fns.state_shardings)
-      state, meta = checkpointer.restore(latest, target, train_iter)
+      _, state, meta = restored
       if process_index == 0:
         print(f'resumed from {checkpointer.directory} at step {latest}', flush=True)
+    if process_index == 0:  # Only now, the checkpoint matching this config: what ran, for tools that reload it.
+      workdir_lib.write_atomically(os.path.join(workdir, 'config.json'), config.to_json_best_effort(indent=2))
     step = int(jax.device_get(state['step']))
     writer.truncate_after(step)
+    if process_index == 0:
+      print(metrics_lib.startup_line(devices, mesh, adapters.num_elements(fns.abstract_params),
+                                     adapters.num_elements(fns.abstract_state['trainable']), state, frozen),
+            flush=True)
     progress = metrics_lib.Progress(config.total_steps, step, config.batch_size,
                                     len(devices) * compute.CORES_PER_DEVICE.get(hardware, 1),
                                     core_hours_before=meta.get('core_hours', 0.0), enabled=process_index == 0)
@@ -244,17 +326,21 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict
 
     def compile_train_step(state, batch, learning_rate):
       """Compiles the train step ahead of time, once: XLA's FLOP count comes from the same lowering."""
+      started = time.perf_counter()
       lowered = fns.train.lower(state, frozen, batch, learning_rate)
       xla = compute.measured_train_flops(lowered, config)
       if xla is not None:
         once['compute/flops_per_example_xla'] = xla
+      compiled = lowered.compile()
       if process_index == 0:
-        print(compute.flops_line(flops_per_example, xla), flush=True)
-      return lowered.compile()
+        print(f'{compute.flops_line(flops_per_example, xla)} | train step compiled in '
+              f'{time.perf_counter() - started:.1f} s', flush=True)
+      return compiled
 
     preempted = False
+    stop = _StopFlag(enabled=process_count == 1, on_abort=lock.release)
     try:
-      with _StopFlag(enabled=process_count == 1) as stop:
+      with stop:
         while step < config.total_steps:
           if stop.requested or checkpointer.reached_preemption(step):
             if last_saved != step:
@@ -263,12 +349,15 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict
             if process_index == 0:
               print(f'preempted at step {step}: checkpoint saved; rerun the same command to resume.', flush=True)
             break
+          profiler.before_step(step)
           batch = sharding.global_batch(next(train_iter), fns.batch_sharding)
           learning_rate = fns.learning_rates[step]
           if train_step is None:
             train_step = compile_train_step(state, batch, learning_rate)
-          state, step_metrics = train_step(state, frozen, batch, learning_rate)
+          with profiler.annotate(step):
+            state, step_metrics = train_step(state, frozen, batch, learning_rate)
           step += 1
+          profiler.after_step(step, (state, step_metrics))
           pending.append((step, step_metrics))
           is_last = step == config.total_steps
           record = {}
@@ -290,7 +379,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict
           if step % config.checkpoint_every_steps == 0 or is_last:
             save(step)
     finally:
-      checkpointer.wait()  # Good checkpoints still in flight are completed, also on errors.
+      with stop:  # While the last save completes, a second Ctrl-C still stops at once.
+        checkpointer.wait()  # Good checkpoints still in flight are completed, also on errors.
       checkpointer.close()
+      profiler.close()
+      writer.close()
 
   return {'step': step, 'preempted': preempted, 'eval': eval_metrics, 'state': state, 'frozen': frozen}

@@ -14,13 +14,12 @@ import os
 
 from etils import epath
 import flax.linen as nn
-from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
 
-from train import adapters, build, paths
+from train import adapters, build, checkpoint, paths
 from train import state as state_lib
 
 
@@ -53,23 +52,16 @@ def latest_step(path: str, step: int | None = None) -> int:
 
 def _stored_shapes(directory: str, key: str | None = None) -> dict[str, tuple[int, ...]]:
   """Name -> shape of the arrays a checkpoint item holds (of its subtree `key`), read from its metadata."""
-  with ocp.StandardCheckpointer() as checkpointer:
-    tree = checkpointer.metadata(directory).item_metadata.tree
-  tree = tree if key is None else tree.get(key, {})
-  return {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(tree, sep='/').items()}
+  return checkpoint.stored_shapes(directory, key)
 
 
 def check_shapes(stored: dict[str, tuple[int, ...]], target, where: str) -> None:
-  """One line naming the first parameter whose stored shape differs from (or is missing in) `target`."""
-  wanted = {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(target, sep='/').items()}
-  for name in sorted(set(stored) | set(wanted)):
-    theirs, ours = stored.get(name), wanted.get(name)
-    if theirs != ours:
-      what = (f'is absent there but has shape {ours} in this model' if theirs is None else
-              f'has shape {theirs} there but is absent in this model' if ours is None else
-              f'has shape {theirs} there but {ours} in this model')
-      raise ValueError(f'{where}: parameter {name!r} {what}; make config.model match the source (or re-import '
-                       'it with --scan to match scan).')
+  """One line naming the first parameter whose stored shape differs from (or is missing in) `target`: every
+  parameter of both, so a config of fewer layers than its checkpoint is refused, not partially restored."""
+  difference = checkpoint.first_difference(stored, checkpoint.flat_shapes(target))
+  if difference:
+    raise ValueError(f'{where}: parameter {difference}; make config.model match the source (or re-import it '
+                     'with --scan to match scan).')
 
 
 def stored_param_shapes(path: str, step: int | None = None) -> dict[str, tuple[int, ...]]:
@@ -102,6 +94,7 @@ def seeded_params(config, example, target):
 
 def restore_params(path: str, target, *, step: int | None = None):
   """The whole model's evaluated parameters of `path` into `target` (ShapeDtypeStructs with shardings)."""
+  checkpoint.drop_closed_loop_noise()
   path = paths.absolute(path)
   if is_imported(path):
     check_shapes(_stored_shapes(os.path.join(path, 'params')), target, path)

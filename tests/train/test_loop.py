@@ -2,6 +2,7 @@
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -115,9 +116,10 @@ def _final_params(workdir, step):
   return restored['state']['trainable']
 
 
-# With a frozen base (the freeze adapter): never checkpointed, rebuilt from the seed on resume.
-@pytest.mark.parametrize('adapter', [(), ('--config.adapter.name=freeze', '--config.adapter.params=encoder/block_0/.*')],
-                         ids=['none', 'freeze'])
+# With a frozen base (the freeze adapter): never checkpointed, rebuilt from the seed on resume. Without an
+# adapter, tests/benchmarks/test_soak.py kills a run at start-up, during a save and between steps.
+@pytest.mark.parametrize('adapter', [('--config.adapter.name=freeze', '--config.adapter.params=encoder/block_0/.*')],
+                         ids=['freeze'])
 def test_kill_and_resume_equals_uninterrupted_run_bitwise(digits_dir, tmp_path, adapter):
   straight, killed = tmp_path / 'straight', tmp_path / 'killed'
   flags = (*RESUME_FLAGS, *adapter)
@@ -176,3 +178,96 @@ def test_bad_input_fails_at_start_with_one_line(digits_dir, tmp_path, overrides,
   assert proc.returncode == 2
   errors = [l for l in proc.stderr.splitlines() if l.startswith('error:')]
   assert len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
+
+
+# The tiny ViT of tests/train/conftest.py as command-line overrides, for runs that must be real commands.
+TINY = ('--config.model.width=16', '--config.model.depth=2', '--config.model.mlp_dim=32',
+        '--config.model.num_heads=2', '--config.model.patch_size=4', '--config.batch_size=16',
+        '--config.eval_batch_size=16', '--config.eval_every_steps=0', '--config.schedule.warmup_steps=1')
+
+
+def _clean(stderr):
+  """What a user must never see on stderr: tracebacks, asyncio's spam, library warnings they cannot act on."""
+  for bad in ('Traceback', 'Event loop is closed', 'overriding'):
+    assert bad not in stderr, stderr[-3000:]
+
+
+def test_resuming_with_another_model_is_one_line_and_changes_nothing(digits_dir, tmp_path, tiny_config):
+  loop.train(tiny_config(digits_dir, total_steps=1, checkpoint_every_steps=1, **{'schedule.warmup_steps': 0}),
+             str(tmp_path))
+  before = {name: (tmp_path / name).read_bytes() for name in ('config.json', 'metrics.jsonl')}
+  listing = sorted(os.listdir(tmp_path))
+  proc = subprocess.run(_cli(tmp_path, *TINY, '--config.model.mlp_dim=64', '--config.total_steps=2',
+                             data_dir=digits_dir), cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  _clean(proc.stderr)
+  (error,) = proc.stderr.strip().splitlines()
+  assert error.startswith(f"error: {tmp_path} holds another model: parameter 'encoder/block_0/mlp/fc1/bias' has "
+                          'shape (32,) there but (64,) in this model; resume with the config it was trained with '
+                          f'({tmp_path}/config.json) or start a new --workdir.'), error
+  # Nothing changed: tools reading config.json still load the model the checkpoint holds.
+  assert {name: (tmp_path / name).read_bytes() for name in before} == before
+  assert sorted(os.listdir(tmp_path)) == listing
+
+
+def test_two_runs_started_together_one_is_refused_naming_the_other(digits_dir, tmp_path):
+  flags = (*TINY, '--config.total_steps=30', '--config.log_every_steps=1', '--config.checkpoint_every_steps=10')
+  procs = [subprocess.Popen(_cli(tmp_path, *flags, data_dir=digits_dir), cwd=REPO, env=_env(), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
+  results = [(p, *p.communicate(timeout=300)) for p in procs]
+  (winner, _, winner_err), = [r for r in results if r[0].returncode == 0]
+  (loser, _, loser_err), = [r for r in results if r[0].returncode == 2]
+  _clean(winner_err)
+  _clean(loser_err)
+  (error,) = loser_err.strip().splitlines()
+  assert error.startswith(f'error: {tmp_path} is in use by another run (pid {winner.pid} on host '
+                          f'{socket.gethostname()} since '), error
+  assert [r['step'] for r in metrics_lib.read_metrics(str(tmp_path))] == list(range(1, 31))
+  assert not os.path.exists(tmp_path / 'lock')
+
+
+def test_ctrl_c_saves_at_the_step_boundary_and_a_rerun_resumes(digits_dir, tmp_path):
+  flags = (*TINY, '--config.total_steps=200', '--config.log_every_steps=50', '--config.checkpoint_every_steps=50')
+  proc = subprocess.Popen(_cli(tmp_path, *flags, data_dir=digits_dir), cwd=REPO, env=_env(), text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+  deadline = time.time() + 240
+  while not (tmp_path / 'checkpoints' / '50' / '_CHECKPOINT_METADATA').exists():
+    assert proc.poll() is None and time.time() < deadline, 'the run ended before it could be interrupted'
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGINT)
+  out, err = proc.communicate(timeout=120)
+  assert proc.returncode == PREEMPTED_EXIT, err[-3000:]
+  _clean(err)
+  assert 'KeyboardInterrupt' not in err and 'error:' not in err
+  (line,) = [l for l in out.splitlines() if l.startswith('preempted at step')]
+  step = int(line.split()[3].rstrip(':'))
+  assert 50 <= step < 200, 'the run finished before the interrupt; lengthen it'
+  assert (tmp_path / 'checkpoints' / str(step) / '_CHECKPOINT_METADATA').exists()
+  assert not os.path.exists(tmp_path / 'lock')
+  resumed = subprocess.run(_cli(tmp_path, *flags, data_dir=digits_dir), cwd=REPO, env=_env(), capture_output=True,
+                           text=True, timeout=300)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert f'resumed from {tmp_path}/checkpoints at step {step}' in resumed.stdout
+  assert (tmp_path / 'checkpoints' / '200' / '_CHECKPOINT_METADATA').exists()
+
+
+def test_a_second_ctrl_c_stops_at_once(monkeypatch, capfd):
+  def exit_now(code):  # os._exit would end pytest itself.
+    raise SystemExit(code)
+  monkeypatch.setattr(os, '_exit', exit_now)
+  before = signal.getsignal(signal.SIGINT)
+  aborted = []
+  with loop._StopFlag(enabled=True, on_abort=lambda: aborted.append(True)) as stop:
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(0.01)
+    assert stop.requested and not aborted  # The first one only asks for a save at the step boundary.
+    with pytest.raises(SystemExit) as e:
+      os.kill(os.getpid(), signal.SIGINT)
+      time.sleep(5)
+  assert e.value.code == 130 and aborted == [True]
+  err = capfd.readouterr().err
+  assert [l for l in err.splitlines() if l] == [
+      'stopping at the next step boundary to save a checkpoint (Ctrl-C again: stop at once, losing the steps '
+      'since the last one)',
+      'error: interrupted twice: stopped without saving; rerun the same command to resume from the last checkpoint']
+  assert signal.getsignal(signal.SIGINT) is before

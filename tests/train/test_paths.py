@@ -76,6 +76,9 @@ def test_sweep_and_analysis_find_and_read_gs_workdirs(gcs):
     (run / 'config.json').write_text(json.dumps({'total_steps': 10, 'study': study}))
     writer = metrics_lib.MetricWriter(str(run))
     writer.write(last_step, {'eval/loss': 1.5, 'compute/train_flops': 1e12})
+    step_dir = run / 'checkpoints' / str(last_step)  # A run is finished only with its final checkpoint,
+    step_dir.mkdir(parents=True, exist_ok=True)
+    (step_dir / 'commit_success.txt').write_text('')  # committed the way orbax marks it on gs://.
   epath.Path('gs://bucket/study/study.md').write_text('')  # A file, not a workdir: not matched.
   assert sweep.finished('gs://bucket/study/nf0-e1') and not sweep.finished('gs://bucket/study/nf0-e2')
   found = analyze.find_workdirs(['gs://bucket/study/*'])

@@ -2,8 +2,10 @@ r"""Analyses a compute-budget study: python -m train.analyze --workdirs='workdir
 
 Reads every matched workdir's config.json (its `study` block: family, model, params, epochs,
 learning_rate) and metrics.jsonl (final `eval/loss` and compute), then writes DIR/study.md (every run, the
-frontier, per-family power laws, the compute-optimal allocation, the ConvNet-vs-ViT answer) and
-DIR/study.png (loss vs compute, log-log), and prints the report. Unfinished runs are listed and left out.
+frontier, per-family power laws, the compute-optimal allocation, the ConvNet-vs-ViT answer, and one line
+per fit that needs more runs than it has), DIR/study.png (loss vs compute, log-log) and the same figure as
+TensorBoard scalars under DIR/tensorboard/study (x: step = round(1000 x log10(compute))), and prints the
+report. Unfinished runs are listed and left out.
 
   --compute=flops              final compute/train_flops (default)
   --compute=core_hours         final compute/core_hours (devices x wall time as measured)
@@ -15,12 +17,15 @@ import math
 import os
 import re
 import sys
+import tempfile
 
 from absl import flags
 from etils import epath
+import numpy as np
 
 from train import cli
 from train import compute as compute_lib
+from train import metrics as metrics_lib
 from train import paths as paths_lib
 from train.study import scaling
 
@@ -45,6 +50,7 @@ def define_flags() -> None:
 # Peak per core that a core-hour counts (train.compute's table; 'cpu' has no fixed peak).
 PEAK_FLOPS = {name: peak for name, peak in compute_lib.PEAK_FLOPS.items() if peak}
 STUDY_KEYS = ('family', 'model', 'params', 'epochs', 'learning_rate')
+COMPUTE_NAMES = {'flops': 'train_flops', 'core_hours': 'core_hours', 'budget_core_hours': 'budget_core_hours'}
 COMPUTE_KEYS = {'flops': ('compute/train_flops',),
                 'budget_core_hours': ('compute/train_flops',),
                 'core_hours': ('compute/core_hours',)}
@@ -94,10 +100,9 @@ def read_run(workdir: str, compute: str = 'flops', peak_flops=None) -> scaling.R
                        'leave it out of --workdirs')
   try:
     config = json.loads(epath.Path(paths['config.json']).read_text())
-    with epath.Path(paths['metrics.jsonl']).open() as f:
-      records = [json.loads(line) for line in f if line.strip()]
-  except json.JSONDecodeError as e:
-    raise StudyError(f'{workdir}: unreadable JSON ({e}); fix or remove the file') from None
+    records = metrics_lib.read_metrics(workdir)  # A torn last line (a run still writing) is skipped.
+  except (json.JSONDecodeError, ValueError) as e:
+    raise StudyError(f'{workdir}: unreadable JSON ({cli.one_line(e)}); fix or remove the file') from None
   study = config.get('study')
   if not isinstance(study, dict):
     raise StudyError(f'{paths["config.json"]} has no `study` block (family, model, params, epochs, '
@@ -173,9 +178,69 @@ def compute_label(compute: str, workdirs) -> str:
   return f'training compute ({name}core hours, estimated from FLOPs)'
 
 
+def tensorboard_step(compute: float) -> int:
+  """A run's x position in TensorBoard, whose x axis is an integer step: 1000 x log10(compute), so that the
+  curves lie on the report's logarithmic axis (step 12000 is 1e12) and paper-scale FLOPs fit an int64."""
+  return round(1000 * math.log10(compute))
+
+
+def tensorboard_tag(family: str, compute: str) -> str:
+  return f'study/{family}/eval_loss_vs_log10_{COMPUTE_NAMES[compute]}'
+
+
+def write_tensorboard(study: scaling.Study, out: str, compute: str, label: str, report: str) -> str:
+  """The figure of study.png as TensorBoard scalars under OUT/tensorboard/study: per family one tag (see
+  tensorboard_tag) at tensorboard_step(compute), drawn by one TensorBoard run per model (each epoch budget's
+  best learning rate), one for the frontiers and one for the fitted power laws; the report as text. Replaces
+  what an earlier analysis wrote there. Returns the directory."""
+  from tensorboardX import SummaryWriter
+  root = epath.Path(out, 'tensorboard', 'study')
+  if root.exists():  # A rerun would otherwise add a second, out-of-order copy of every point.
+    root.rmtree()
+  # A bucket gets the files through a local directory (tensorboardX writes local files without extra packages).
+  local = epath.Path(tempfile.mkdtemp(prefix='study_tensorboard_')) if paths_lib.is_url(out) else root
+  series: dict[tuple[str, str], dict[int, float]] = {}  # (TensorBoard run, tag) -> {step: loss}
+
+  def add(name, family, points):
+    values = series.setdefault((name, tensorboard_tag(family, compute)), {})
+    for c, loss in points:  # One value per step: the lowest, as on the frontier.
+      step = tensorboard_step(c)
+      values[step] = min(values.get(step, math.inf), float(loss))
+
+  for r in scaling.best_per_budget(study.runs):
+    add(r.model, r.family, [(r.compute, r.loss)])
+  for family, front in study.frontiers.items():
+    add('frontier', family, [(r.compute, r.loss) for r in front])
+    fit = study.fits[family]
+    if isinstance(fit, scaling.PowerLawFit):
+      grid = np.geomspace(front[0].compute, front[-1].compute, 17)
+      add('power-law fit', family, zip(grid, fit.predict(grid)))
+  about = (f'Final held-out eval/loss against {label}; x: step = round(1000 x log10(compute)), '
+           'so step 12000 is 1e12.')
+  writers = {}
+  try:
+    for (name, tag), values in series.items():
+      if name not in writers:
+        writers[name] = SummaryWriter(str(local / re.sub(r'[^\w.+-]', '_', name)))
+      for step in sorted(values):  # Ascending: TensorBoard drops points that go back in step.
+        writers[name].add_scalar(tag, values[step], step, summary_description=about)
+    writers['report'] = SummaryWriter(str(local / 'report'))
+    writers['report'].add_text('study/report', report, 0)
+  finally:
+    for writer in writers.values():
+      writer.close()
+  if local != root:
+    for file in local.glob('*/*'):
+      (root / file.parent.name).mkdir(parents=True, exist_ok=True)
+      (root / file.parent.name / file.name).write_bytes(file.read_bytes())
+    local.rmtree()
+  return str(root)
+
+
 def write_report(patterns, out: str, compute: str = 'flops', irreducible: bool = False, confidence: float = 0.95,
                  num_levels: int = 8, peak_flops=None) -> str:
-  """Analyses the runs matched by `patterns`; writes OUT/study.md and OUT/study.png; returns the report."""
+  """Analyses the runs matched by `patterns`; writes OUT/study.md, OUT/study.png and the figure's scalars
+  under OUT/tensorboard/study (write_tensorboard); returns the report."""
   runs, notes = load_runs(patterns, compute, peak_flops)
   study = scaling.analyze(runs, irreducible=irreducible, confidence=confidence, num_levels=num_levels)
   label = compute_label(compute, [r.workdir for r in runs])
@@ -184,6 +249,7 @@ def write_report(patterns, out: str, compute: str = 'flops', irreducible: bool =
   epath.Path(out, 'study.md').write_text(report)
   with epath.Path(out, 'study.png').open('wb') as f:  # A file object: matplotlib cannot open gs:// paths itself.
     scaling.plot(study, f, label)
+  write_tensorboard(study, out, compute, label, report)
   return report
 
 
@@ -195,7 +261,7 @@ def main(argv):
     report = write_report(FLAGS.workdirs, FLAGS.out, FLAGS.compute, FLAGS.irreducible, FLAGS.confidence,
                           FLAGS.levels, parse_peak_flops(FLAGS.peak_flops))
   print(report, end='')
-  print(f'wrote {FLAGS.out}/study.md and {FLAGS.out}/study.png', file=sys.stderr)
+  print(f'wrote {FLAGS.out}/study.md, {FLAGS.out}/study.png and {FLAGS.out}/tensorboard/study', file=sys.stderr)
 
 
 if __name__ == '__main__':

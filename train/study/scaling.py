@@ -111,9 +111,9 @@ def fit_power_law(compute, loss, irreducible: bool = False, confidence: float = 
     raise ValueError(f'a power-law fit{" with E" if irreducible else ""} needs at least {k} points, got {c.size}.')
   if not (np.all(np.isfinite(c)) and np.all(np.isfinite(y)) and np.all(c > 0) and np.all(y > 0)):
     raise ValueError('power-law fits need finite, positive compute and loss values.')
-  if np.unique(c).size < 2:
-    raise ValueError('a power-law fit needs at least two distinct compute values.')
   x = np.log(c)
+  if np.unique(x).size < 2:  # In log space: values a rounding apart are one point there.
+    raise ValueError('a power-law fit needs at least two distinct compute values.')
   x_mean = float(x.mean())
   xc, ly = x - x_mean, np.log(y)
   dof = c.size - k
@@ -217,6 +217,8 @@ def compute_levels(runs: Sequence[Run], num: int = 8) -> np.ndarray:
   if len(shared) >= 2:
     return np.array(shared)
   c = np.array([r.compute for r in runs])
+  if c.min() == c.max():  # geomspace would return the one value with rounding apart, as if several.
+    return c[:1]
   return np.geomspace(c.min(), c.max(), num)
 
 
@@ -250,7 +252,8 @@ def compute_optimal(runs: Sequence[Run], levels=None, num_levels: int = 8,
       _, _, params, per_epoch = curves[model]
       allocations.append(Allocation(float(level), model, params, float(level / per_epoch), reached[model]))
   params_fit = epochs_fit = None
-  if len({a.compute for a in allocations}) >= 2:
+  # With one model the optimal size cannot move: its growth rate would be a meaningless exact 0.
+  if len(curves) >= 2 and len({a.compute for a in allocations}) >= 2:
     c = [a.compute for a in allocations]
     params_fit = fit_power_law(c, [a.params for a in allocations], confidence=confidence)
     epochs_fit = fit_power_law(c, [a.epochs for a in allocations], confidence=confidence)
@@ -300,6 +303,7 @@ class Study:
   optimal: dict[str, ComputeOptimal]
   comparison: Comparison | None
   confidence: float
+  needs: list[str] = dataclasses.field(default_factory=list)  # One line per fit that needs more runs.
 
   def on_frontier(self, run: Run) -> bool:
     return any(run is r for r in self.frontiers.get(run.family, ()))
@@ -324,7 +328,37 @@ def analyze(runs: Sequence[Run], irreducible: bool = False, confidence: float = 
   if isinstance(fits.get(CONVNET), PowerLawFit) and isinstance(fits.get(VIT), PowerLawFit):
     span = {f: (frontiers[f][0].compute, frontiers[f][-1].compute) for f in (CONVNET, VIT)}
     comparison = compare(fits[CONVNET], fits[VIT], span[CONVNET], span[VIT])
-  return Study(runs, frontiers, fits, optimal, comparison, confidence)
+  study = Study(runs, frontiers, fits, optimal, comparison, confidence)
+  return dataclasses.replace(study, needs=needs_more_runs(study, irreducible))
+
+
+def needs_more_runs(study: Study, irreducible: bool = False) -> list[str]:
+  """One line per fit that has too few runs to be made (or to have intervals), saying what would make it."""
+  k = 3 if irreducible else 2
+  lines = []
+  for family, fit in study.fits.items():
+    n = len({r.compute for r in study.frontiers[family]})
+    if isinstance(fit, str):
+      lines.append(f'{family}: the power law through the frontier needs {k} or more frontier runs of distinct '
+                   f'compute, it has {n}; add epoch budgets or models.')
+    elif fit.b_ci is None:
+      lines.append(f'{family}: the power law through the frontier has no {study.confidence:.0%} intervals: its '
+                   f'{fit.n} frontier runs fit it exactly, {k + 1} or more give intervals; add epoch budgets or '
+                   'models.')
+  for family, opt in study.optimal.items():
+    models = sorted({r.model for r in study.runs if r.family == family})
+    if len(models) < 2:
+      lines.append(f'{family}: the compute-optimal growth rates (params_opt, epochs_opt ∝ C^x) are fitted over '
+                   f'models and need runs of 2 or more, it has 1 ({models[0]}); add models.')
+    elif opt.params_fit is None:
+      lines.append(f'{family}: the compute-optimal growth rates need 2 or more compute levels reached by its '
+                   f'models, it has {len(opt.allocations)}; add epoch budgets that overlap in compute.')
+  if any(f in study.fits for f in (CONVNET, VIT)) and study.comparison is None:
+    missing = [f for f in (CONVNET, VIT) if not isinstance(study.fits.get(f), PowerLawFit)]
+    why = (f'{", ".join(missing)} {"has" if len(missing) == 1 else "have"} none yet; add runs.' if missing else
+           'their frontiers cover compute ranges that do not overlap; add budgets that make them overlap.')
+    lines.append(f'ConvNets vs ViTs: the answer needs a fitted frontier of both families ({CONVNET} and {VIT}); {why}')
+  return lines
 
 
 def _count(n: float) -> str:
@@ -371,7 +405,7 @@ def markdown(study: Study, compute_label: str, notes: Sequence[str] = ()) -> str
   lines.append('')
   for family, opt in study.optimal.items():
     if opt.params_fit is None:
-      lines.append(f'- {family}: fewer than 2 compute levels, no growth rates.')
+      lines.append(f'- {family}: no growth rates (see the fits that need more runs).')
       continue
     ci = opt.params_fit.b_ci is not None
     lines.append(f'- {family}: params_opt ∝ C^{_ci(opt.alpha, opt.params_fit.b_ci, ".3f")}, '
@@ -380,6 +414,8 @@ def markdown(study: Study, compute_label: str, notes: Sequence[str] = ()) -> str
 
   if CONVNET in study.fits and VIT in study.fits:
     lines += ['', '## ConvNets vs ViTs at equal compute', '', _answer(study)]
+  if study.needs:
+    lines += ['', '## Fits that need more runs', ''] + [f'- {n}' for n in study.needs]
   return '\n'.join(lines) + '\n'
 
 

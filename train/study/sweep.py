@@ -9,10 +9,13 @@ and `run_name(ARG) -> str`, each run's directory under --workdir. Every run's co
 (family, model, epochs, learning_rate, input_shape) and a `budget`.
 
 --dry_run prints every run's steps, analytic FLOPs and estimated core-hours (budget.hardware at budget.mfu)
-and the total, without data or an accelerator. Otherwise finished runs are skipped, an interrupted one
-resumes from its checkpoint, and after the last run the analysis (train.analyze) writes
-WORKDIR/study.md and WORKDIR/study.png. Rerunning the same command continues where it stopped; a preempted
-run stops the sweep with exit status 75 (train.PREEMPTED_EXIT), as `python -m train` does. On a pod, launch
+and the total, without data or an accelerator. Otherwise finished runs (final eval logged and final
+checkpoint committed) are skipped, an interrupted one resumes from its checkpoint, and after the last run the
+analysis (train.analyze) writes WORKDIR/study.md, WORKDIR/study.png and WORKDIR/tensorboard/study.
+Rerunning the same command continues where it stopped. A preempted run stops the sweep after saving, with
+exit status 75 (cli.PREEMPTED_EXIT); a failing run ends it as `python -m train` would end, with one `error:`
+line naming the run: 3 for a non-finite loss, 2 for bad input, 74 for an I/O failure (train/cli.py lists the
+statuses). On a pod, launch
 this command through `python -m train.launch up ... --command='python -m train.sweep ...'`: every host runs
 the same sweep in lockstep, and the launcher's restart loop reruns it after a preemption.
 """
@@ -23,14 +26,17 @@ import json
 import os
 import sys
 import time
+import traceback
 
 from absl import flags
 from etils import epath
 import jax
 import ml_collections
+import orbax.checkpoint as ocp
 
 from models import common
 from train import cli, compute
+from train import metrics as metrics_lib
 
 FLAGS = flags.FLAGS
 
@@ -116,14 +122,26 @@ def plan(config_spec: str, overrides=()) -> list[Run]:
 
 
 def finished(workdir: str) -> bool:
-  """Has this run evaluated at its last step (so the analysis can use it)?"""
+  """Has this run logged its final eval and committed its final checkpoint? A run killed between the two has
+  the eval line but no final state to load, so it is resumed, not skipped."""
   try:
     total = json.loads(epath.Path(workdir, 'config.json').read_text())['total_steps']
-    with epath.Path(workdir, 'metrics.jsonl').open() as f:
-      last = [json.loads(line) for line in f if line.strip()][-1]
-  except (OSError, IndexError, KeyError, json.JSONDecodeError):
+    last = metrics_lib.read_metrics(workdir)[-1]
+  except (OSError, IndexError, KeyError, ValueError):  # json.JSONDecodeError is a ValueError
     return False
-  return last.get('step') == total and 'eval/loss' in last
+  if last.get('step') != total or 'eval/loss' not in last:
+    return False
+  final = epath.Path(workdir, 'checkpoints', str(total))
+  # Orbax's commit: the rename of its temporary directory, or commit_success.txt where renames are not atomic.
+  return final.is_dir() and ocp.utils.is_checkpoint_finalized(final)
+
+
+class RunFailed(Exception):
+  """A run of the sweep stopped on an error: the one-line message and the exit status the sweep ends with."""
+
+  def __init__(self, message: str, code: int):
+    super().__init__(message)
+    self.code = code
 
 
 def table(runs: list[Run]) -> str:
@@ -141,7 +159,11 @@ def table(runs: list[Run]) -> str:
 
 
 def train_all(runs: list[Run], workdir: str) -> bool:
-  """Trains the unfinished runs in order; False when one was preempted (rerun the sweep to continue)."""
+  """Trains the unfinished runs in order; False when one was preempted (rerun the sweep to continue).
+
+  Raises RunFailed, naming the run and carrying the exit status of `python -m train` (cli.exit_status), on a
+  non-finite loss, bad input or an I/O error.
+  """
   from train import loop
   done_flops, total_flops = 0.0, sum(r.train_flops for r in runs)
   start = time.time()
@@ -152,7 +174,13 @@ def train_all(runs: list[Run], workdir: str) -> bool:
     else:
       print(f'[{i + 1}/{len(runs)}] {run.name}: {run.steps} steps of batch {run.config.batch_size} '
             f'({run.train_flops:.3g} FLOPs)', flush=True)
-      result = loop.train(run.config, run_dir)
+      try:
+        result = loop.train(run.config, run_dir)
+      except Exception as e:  # noqa: BLE001 - classified as `python -m train` does; a bug propagates as it is.
+        code = cli.exit_status(e)
+        if code == cli.UNEXPECTED_EXIT:
+          raise
+        raise RunFailed(f'run {run.name}: {cli.summary(e)}', code) from e
       if result['preempted']:
         print('sweep stopped (preempted); rerun the same command to continue.', flush=True)
         return False
@@ -196,12 +224,18 @@ def main(argv):
       # learning rate is an input): XLA's persistent cache compiles each model once for the whole ladder.
       jax.config.update('jax_compilation_cache_dir', os.path.join(FLAGS.workdir, 'compilation_cache'))
       jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.2)
-    if not train_all(runs, FLAGS.workdir):
-      sys.exit(cli.PREEMPTED_EXIT)
+    try:
+      if not train_all(runs, FLAGS.workdir):
+        sys.exit(cli.PREEMPTED_EXIT)
+    except RunFailed as e:
+      if FLAGS.get_flag_value('traceback', False):
+        traceback.print_exception(e.__cause__)
+      cli.fail(e, e.code)
     text = report(runs, FLAGS.workdir) if FLAGS.analyze else None
   if text:
     print(text, end='')
-    print(f'wrote {FLAGS.workdir}/study.md and {FLAGS.workdir}/study.png', flush=True)
+    print(f'wrote {FLAGS.workdir}/study.md, {FLAGS.workdir}/study.png and {FLAGS.workdir}/tensorboard/study',
+          flush=True)
 
 
 if __name__ == '__main__':

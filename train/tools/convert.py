@@ -57,8 +57,10 @@ def _tensor_files(src: str, fmt: str) -> list[str]:
   if fmt == 'hf':
     index = os.path.join(src, 'model.safetensors.index.json')
     if os.path.exists(index):
-      with open(index) as f:
-        return [os.path.join(src, n) for n in sorted(set(json.load(f)['weight_map'].values()))]
+      weight_map = _load_json(index).get('weight_map')
+      if not isinstance(weight_map, dict):
+        raise ValueError(f'{index} has no weight_map object; replace it with the released index.')
+      return [os.path.join(src, n) for n in sorted(set(weight_map.values()))]
     files = sorted(glob.glob(os.path.join(src, 'model*.safetensors')))
   else:
     files = sorted(glob.glob(os.path.join(src, 'consolidated*.safetensors'))) or sorted(
@@ -88,9 +90,28 @@ def _read_tensors(path: str):
 
 
 def _load_json(path: str) -> dict:
+  """The JSON object in `path`; one-line errors that name the file when it is missing or not such an object."""
   if not epath.Path(path).exists():
     raise FileNotFoundError(f'{path} not found; --src must be a model directory with its config.')
-  return json.loads(epath.Path(path).read_text())
+  try:
+    record = json.loads(epath.Path(path).read_text())
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise ValueError(f'{path} is not valid JSON ({e}); replace it with the file the model was released '
+                     'with.') from None
+  if not isinstance(record, dict):
+    raise ValueError(f'{path} holds a JSON {type(record).__name__}, not an object of settings; replace it with '
+                     'the file the model was released with.')
+  return record
+
+
+def _model_kwargs(hf_config: dict, path: str) -> dict:
+  from models import mistral_weights
+  try:
+    return mistral_weights.model_kwargs_from_hf(hf_config)
+  except KeyError as e:
+    raise ValueError(f'{path} lacks {e}; is it the config of a Mistral model?') from None
+  except (TypeError, ValueError) as e:  # A field of the wrong type, e.g. a string where a number belongs.
+    raise ValueError(f'{path} has a bad value: {e}.') from None
 
 
 def import_model(src: str, out: str, *, fmt: str = 'hf', scan: bool = False, dtype: str | None = None,
@@ -99,11 +120,15 @@ def import_model(src: str, out: str, *, fmt: str = 'hf', scan: bool = False, dty
   returns the model kwargs written to OUT/config.json."""
   from models import common, mistral, mistral_weights
   from train import checkpoint, paths
+  config_file = os.path.join(src, 'config.json' if fmt == 'hf' else 'params.json')
   if fmt == 'hf':
-    hf_config = _load_json(os.path.join(src, 'config.json'))
+    hf_config = _load_json(config_file)
   else:
-    hf_config = mistral_weights.hf_config_from_original(_load_json(os.path.join(src, 'params.json')), rope_theta)
-  kwargs = mistral_weights.model_kwargs_from_hf(hf_config)
+    try:
+      hf_config = mistral_weights.hf_config_from_original(_load_json(config_file), rope_theta)
+    except KeyError as e:
+      raise ValueError(f'{config_file} lacks {e}; is it the params.json of a Mistral release?') from None
+  kwargs = _model_kwargs(hf_config, config_file)
   kwargs['scan'] = scan
   shapes = common.abstract_params(mistral.Model(**kwargs), (1, 1), jnp.int32)
   params, filled = None, set()

@@ -13,7 +13,8 @@ ACTION is one of:
   run     starts `python -m train --config=... --workdir=... [overrides]` on every host inside a tmux session
           named train-NAME, under a loop that reruns it (resuming from the last checkpoint) until it exits 0,
           i.e. has reached total_steps: a preempted run exits 75 (train.PREEMPTED_EXIT) and is rerun, as is a
-          crash; exit 2 (bad input) and 3 (non-finite loss) are not retried. --command='python -m train.sweep
+          transient I/O failure (74, e.g. a full disk during a save) or a crash (1); exit 2 (bad input) and 3
+          (non-finite loss) are not retried (train/cli.py lists the statuses). --command='python -m train.sweep
           ...' runs another command the same way instead of --config/--workdir.
   logs    follows the log of worker 0 (--worker=N for another host).
   stop    ends the tmux session on every host.
@@ -118,7 +119,8 @@ def restart_loop(delay_s: int = RESTART_DELAY_S) -> str:
 
   The command arrives as "$@", so it is never re-parsed by a shell: every token reaches it exactly. It is rerun
   until it exits 0 (done), 2 (bad input) or 3 (non-finite loss), at most $2 times in all; PREEMPTED_EXIT (a
-  preemption notice, checkpoint saved) is rerun like any other failure.
+  preemption notice, checkpoint saved), TRANSIENT_IO_EXIT (74: a full disk, a network filesystem error) and an
+  unexpected crash (1) are rerun.
   """
   return (
       'log="$HOME/$1" tries=$2; shift 2; say() { echo "[launch] $*" | tee -a "$log"; }; '

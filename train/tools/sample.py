@@ -4,7 +4,12 @@ r"""Prints a continuation of a prompt from a trained (or imported) language mode
 
 Reads WORKDIR/config.json (written by the training loop) for the model and tokenizer, restores the latest
 checkpoint's parameters (the EMA copy when the run kept one) and generates with the model's rolling KV
-cache: greedy at --temperature=0, otherwise sampling with optional --top_k / --top_p.
+cache (its module's `generate`).
+
+Sampling by default, at temperature 0.8 within the top-p 0.95 nucleus: greedy decoding (--temperature=0)
+makes a small or briefly trained model repeat itself (`def main(self.________...`); a temperature below 1
+still favours likely tokens, and the nucleus drops the long tail of unlikely ones that turns text into noise.
+The output is reproducible for a given --seed.
 """
 import sys
 
@@ -16,43 +21,78 @@ from train import cli
 from train.tools import loader
 
 FLAGS = flags.FLAGS
+TEMPERATURE = 0.8  # The defaults, and why: see the module docstring.
+TOP_P = 0.95
 
 
 def define_flags() -> None:
   """The command line flags (defined only when run as a command, so that importing this module
   next to other commands' modules defines nothing twice)."""
-  flags.DEFINE_string('workdir', None, 'A training workdir (config.json and checkpoints/).')
+  flags.DEFINE_string('workdir', None, 'A training workdir (config.json and checkpoints/) or an imported model.')
   flags.DEFINE_string('prompt', '', 'Text to continue.')
-  flags.DEFINE_integer('max_new_tokens', 128, 'Tokens to generate.')
-  flags.DEFINE_float('temperature', 0.0, '0 for greedy decoding.')
-  flags.DEFINE_integer('top_k', None, 'Sample among the k most likely tokens.')
-  flags.DEFINE_float('top_p', None, 'Sample from the smallest nucleus of this probability.')
+  flags.DEFINE_integer('max_new_tokens', 128, 'Tokens to generate (at least 1).')
+  flags.DEFINE_float('temperature', TEMPERATURE, 'Softmax temperature; 0 for greedy decoding. Below 1 favours '
+                     'likely tokens while avoiding the loops that greedy decoding falls into.')
+  flags.DEFINE_integer('top_k', None, 'Sample among the k most likely tokens (k >= 1; default: all).')
+  flags.DEFINE_float('top_p', TOP_P, 'Sample from the smallest set of tokens whose probability reaches p, in '
+                     '(0, 1]; 1 keeps every token. The default drops the unlikely tail that derails a small model.')
   flags.DEFINE_integer('seed', 0, 'Sampling seed.')
   flags.DEFINE_integer('step', None, 'Checkpoint step (default: the latest).')
   flags.mark_flag_as_required('workdir')
 
 
-def main(argv):
-  del argv
-  cli.quiet_logging()
-  from data import tokenizers
-  from models import mistral
-  with cli.failing_on(FileNotFoundError, ValueError):
-    run = loader.load_run(FLAGS.workdir, FLAGS.step)
-    config, model, params, step = run.config, run.model, run.params, run.step
-    if not (config.get('data') or {}).get('tokenizer'):
-      raise ValueError(f'{FLAGS.workdir} names no tokenizer (config.json data.tokenizer); an imported model '
-                       'needs tokenizer.model in the source directory.')
-    tokenizer = tokenizers.get_tokenizer(config.data.tokenizer)
-  prompt = [tokenizer.bos_id] + tokenizer.encode(FLAGS.prompt)
-  tokens = mistral.generate(model, params, np.asarray([prompt], np.int32), FLAGS.max_new_tokens,
-                            temperature=FLAGS.temperature, rng=jax.random.key(FLAGS.seed),
-                            top_k=FLAGS.top_k, top_p=FLAGS.top_p)
-  new = [int(t) for t in np.asarray(tokens)[0, len(prompt):]]
+def check_options(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None) -> None:
+  """ValueError, one line, for sampling options out of range."""
+  if max_new_tokens < 1:
+    raise ValueError(f'--max_new_tokens={max_new_tokens}: generate at least 1 token.')
+  if not temperature >= 0:
+    raise ValueError(f'--temperature={temperature} must be >= 0 (0 for greedy decoding).')
+  if top_k is not None and top_k < 1:
+    raise ValueError(f'--top_k={top_k} must be at least 1 (leave it unset to keep every token).')
+  if top_p is not None and not 0 < top_p <= 1:
+    raise ValueError(f'--top_p={top_p} must be in (0, 1] (1 keeps every token).')
+
+
+def language_model(path: str):
+  """(config, the model's module) of the run or imported model in `path`, read from its config.json before
+  anything is restored; ValueError when it holds no model that generates text with a tokenizer."""
+  from train import build, runs
+  config = runs.read_config(path)
+  module = build.model_module(config)
+  if not hasattr(module, 'generate'):
+    raise ValueError(f'{path} holds a {config.model_name!r} model, which does not generate text; point '
+                     '--workdir at a language model\'s workdir (e.g. one of configs/mistral_tiny.py).')
+  if not (config.get('data') or {}).get('tokenizer'):
+    raise ValueError(f'{path} names no tokenizer (config.json data.tokenizer); an imported model needs '
+                     'tokenizer.model in the source directory.')
+  return config, module
+
+
+def continuation(run, module, tokenizer, prompt: str, max_new_tokens: int, *, temperature: float = TEMPERATURE,
+                 top_k: int | None = None, top_p: float | None = TOP_P, seed: int = 0) -> str:
+  """The text `run`'s model writes after `prompt`, up to its end-of-sequence token."""
+  tokens = [tokenizer.bos_id] + tokenizer.encode(prompt)
+  out = module.generate(run.model, run.params, np.asarray([tokens], np.int32), max_new_tokens,
+                        temperature=temperature, rng=jax.random.key(seed), top_k=top_k, top_p=top_p)
+  new = [int(t) for t in np.asarray(out)[0, len(tokens):]]
   if tokenizer.eos_id in new:
     new = new[:new.index(tokenizer.eos_id)]
-  print(f'[{FLAGS.workdir}' + (f' at step {step}]' if step is not None else ' (imported)]'), file=sys.stderr)
-  print(FLAGS.prompt + tokenizer.decode(new))
+  return tokenizer.decode(new)
+
+
+def main(argv):
+  cli.no_arguments(argv, 'the text to continue goes in --prompt="..."')
+  cli.quiet_logging()
+  from data import tokenizers
+  with cli.failing_on(FileNotFoundError, ValueError):
+    check_options(FLAGS.max_new_tokens, FLAGS.temperature, FLAGS.top_k, FLAGS.top_p)
+    config, module = language_model(FLAGS.workdir)
+    tokenizer = tokenizers.get_tokenizer(config.data.tokenizer)
+    run = loader.load_run(FLAGS.workdir, FLAGS.step)
+  text = continuation(run, module, tokenizer, FLAGS.prompt, FLAGS.max_new_tokens, temperature=FLAGS.temperature,
+                      top_k=FLAGS.top_k, top_p=FLAGS.top_p, seed=FLAGS.seed)
+  print(f'[{FLAGS.workdir}' + (f' at step {run.step}]' if run.step is not None else ' (imported)]'), file=sys.stderr)
+  print(FLAGS.prompt + text)
 
 
 if __name__ == '__main__':

@@ -1,12 +1,14 @@
 """Scaling analysis: power-law fits and their CIs, frontiers, compute-optimal allocation, the analyze CLI."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
 import numpy as np
 from PIL import Image
 import pytest
+from tensorboard.backend.event_processing import event_accumulator
 
 from train.study import analyze, scaling
 
@@ -60,6 +62,7 @@ def test_fit_with_irreducible_term_recovers_E():
     ([1.0, 2.0, 0.0], [2.0, 1.0, 1.0], {}, 'positive'),
     ([1.0, 2.0, 3.0], [2.0, -1.0, 1.0], {}, 'positive'),
     ([2.0, 2.0, 2.0], [2.0, 1.5, 1.0], {}, 'distinct compute'),
+    ([1e10, np.nextafter(1e10, 2e10)], [2.0, 1.0], {}, 'distinct compute'),  # One point in log space.
 ])
 def test_fit_rejects_bad_input(compute, loss, kwargs, message):
   with pytest.raises(ValueError, match=message):
@@ -117,6 +120,13 @@ def test_compute_optimal_picks_the_lowest_interpolated_model():
   assert opt.params_fit.b_ci is not None  # 4 levels: intervals.
   with pytest.raises(ValueError, match='one family'):
     scaling.compute_optimal(runs + [scaling.Run('nfnet', 'F0', 1, 1.0, 0.1, 1.0, 1.0)])
+
+
+def test_one_run_has_one_compute_level_and_no_growth_rates():
+  run = scaling.Run('nfnet', 'F0', 10, 1.0, 0.1, 3e10, 2.0)
+  np.testing.assert_array_equal(scaling.compute_levels([run]), [3e10])
+  opt = scaling.compute_optimal([run])
+  assert [a.model for a in opt.allocations] == ['F0'] and opt.params_fit is None
 
 
 def test_compute_levels_are_the_shared_budgets_else_log_spaced():
@@ -198,6 +208,93 @@ def test_cli_end_to_end(tmp_path):
     assert image.format == 'PNG' and image.size == (1000, 700)
     colours = np.unique(np.asarray(image.convert('RGB')).reshape(-1, 3), axis=0)
   assert len(colours) > 50  # Curves were drawn, not a blank canvas.
+
+
+def _tensorboard(root):
+  """{(TensorBoard run, tag): [(step, value), ...]} and {tag: text} of the event files under root."""
+  scalars, texts = {}, {}
+  for run in sorted(os.listdir(root)):
+    events = event_accumulator.EventAccumulator(os.path.join(root, run), size_guidance={'scalars': 0, 'tensors': 0})
+    events.Reload()
+    for tag in events.Tags()['scalars']:
+      scalars[(run, tag)] = [(e.step, e.value) for e in events.Scalars(tag)]
+    for tag in events.Tags()['tensors']:
+      texts[tag] = events.Tensors(tag)[-1].tensor_proto.string_val[0].decode()
+  return scalars, texts
+
+
+def test_study_figure_in_tensorboard_holds_the_reports_numbers(tmp_path):
+  root = str(tmp_path / 'study')
+  for family, models in MODELS.items():
+    for model, params in models.items():
+      for epochs in EPOCHS:
+        _write_run(root, family, model, int(params), epochs, 0.1, _law(params, epochs))
+  # A worse learning rate at one budget: the report lists it, the per-model curve keeps the better one.
+  worse = _write_run(str(tmp_path / 'lr'), 'vit', 'S', int(2e6), 4.0, 0.3, _law(2e6, 4.0) + 0.5)
+  os.rename(worse, os.path.join(root, 'vit_S_4ep_lr0.3'))
+  out = str(tmp_path / 'report')
+  report = analyze.write_report([f'{root}/*'], out)
+  rows = {}
+  for line in report.split('## Runs')[1].split('\n## ')[0].splitlines():
+    cells = [c.strip() for c in line.strip().strip('|').split('|')]
+    if len(cells) == 8 and cells[0] in MODELS:
+      rows.setdefault((cells[0], cells[1], float(cells[3])), []).append((float(cells[5]), float(cells[6]),
+                                                                         cells[7] == '*'))
+  assert len(rows[('vit', 'S', 4.0)]) == 2 and sum(map(len, rows.values())) == 19
+
+  for rerun in (False, True):  # A second analysis replaces the figure rather than adding to it.
+    if rerun:
+      analyze.write_report([f'{root}/*'], out)
+    scalars, texts = _tensorboard(os.path.join(out, 'tensorboard', 'study'))
+    for family, models in MODELS.items():
+      tag = f'study/{family}/eval_loss_vs_log10_train_flops'
+      for model in models:
+        best = sorted(min(rows[(family, model, e)], key=lambda r: r[1]) for e in EPOCHS)
+        points = scalars[(model, tag)]
+        assert [step for step, _ in points] == [round(1000 * np.log10(_flops(models[model], e))) for e in EPOCHS]
+        np.testing.assert_allclose([v for _, v in points], [r[1] for r in best], atol=5e-5)  # 4 decimals
+        np.testing.assert_allclose([10 ** (step / 1000) for step, _ in points], [r[0] for r in best], rtol=2e-3)
+      front = sorted(r for (f, _, _), rs in rows.items() if f == family for r in rs if r[2])
+      points = scalars[('frontier', tag)]
+      np.testing.assert_allclose([v for _, v in points], [r[1] for r in front], atol=5e-5)
+      fit = scalars[('power-law_fit', tag)]
+      assert len(fit) == 17 and fit[0][0] == points[0][0] and fit[-1][0] == points[-1][0]
+    assert len(scalars) == 6 + 2 * 2 and texts['study/report/text_summary'] == report
+
+
+def _needs(report):
+  return report.split('## Fits that need more runs\n\n')[1].splitlines()
+
+
+def test_one_run_and_one_model_say_which_fits_need_more_runs(tmp_path):
+  """The analysis of a sweep run with --only=ONE_RUN, or of one model's budgets, makes the fits it can, says
+  which need more runs, and writes the report and the figure."""
+  _write_run(str(tmp_path / 'one'), 'vit', 'S', 1000, 1.0, 0.1, 2.0)
+  for epochs in EPOCHS:
+    _write_run(str(tmp_path / 'model'), 'nfnet', 'F0', 1000, epochs, 0.1, _law(1000, epochs))
+  reports = {}
+  for runs in ('one', 'model'):
+    out = tmp_path / f'out_{runs}'
+    reports[runs] = analyze.write_report([str(tmp_path / runs / '*')], str(out))
+    assert (out / 'study.md').read_text() == reports[runs] and (out / 'study.png').stat().st_size > 10_000
+  growth = ('the compute-optimal growth rates (params_opt, epochs_opt ∝ C^x) are fitted over models and need runs '
+            'of 2 or more, it has 1 ({}); add models.')
+  assert _needs(reports['one']) == [
+      '- vit: the power law through the frontier needs 2 or more frontier runs of distinct compute, it has 1; add '
+      'epoch budgets or models.',
+      '- vit: ' + growth.format('S'),
+      '- ConvNets vs ViTs: the answer needs a fitted frontier of both families (nfnet and vit); nfnet, vit have '
+      'none yet; add runs.']
+  assert _needs(reports['model']) == [
+      '- nfnet: ' + growth.format('F0'),
+      '- ConvNets vs ViTs: the answer needs a fitted frontier of both families (nfnet and vit); vit has none yet; '
+      'add runs.']
+  assert '| nfnet | 3 | ' in reports['model']  # The power law through 3 frontier runs, with intervals.
+  # Two budgets: the power law is exact, without intervals, and the report says what would give them.
+  shutil.rmtree(tmp_path / 'model' / 'nfnet_F0_16ep')
+  report = analyze.write_report([str(tmp_path / 'model' / '*')], str(tmp_path / 'out_two'))
+  assert ('- nfnet: the power law through the frontier has no 95% intervals: its 2 frontier runs fit it exactly, 3 '
+          'or more give intervals; add epoch budgets or models.') in _needs(report)
 
 
 def test_budget_core_hours_and_measured_core_hours(tmp_path):

@@ -1,11 +1,15 @@
 """train.sweep: the paper's grid expanded with estimates, and a miniature of the CPU study end to end."""
 import json
 import os
+import re
+import resource
+import shutil
 import subprocess
 import sys
 
 import pytest
 
+from train import cli
 from train.study import sweep
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
@@ -53,15 +57,28 @@ def test_bad_sweep_config_is_one_line(tmp_path):
                                              'get_sweep and run_name.']
 
 
-def test_cpu_study_miniature_end_to_end_and_resume(digits_dir, tmp_path, capsys):
-  """Two models (one per family) x two budgets: runs, skips them when rerun, and writes the analysis."""
-  workdir = tmp_path / 'study'
-  spec = os.path.join(REPO, 'configs/convnets_at_scale_cpu.py') + ':models=nf-XS+vit-XS,epochs=0.25+1'
+MINI = os.path.join(REPO, 'configs/convnets_at_scale_cpu.py') + ':models=nf-XS+vit-XS,epochs=0.25+1'
+
+
+def _sweep(spec, workdir, data_dir, *flags, env=(), preexec_fn=None):
   cmd = [sys.executable, '-m', 'train.sweep', f'--config={spec}', f'--workdir={workdir}',
-         f'--set=data.data_dir={digits_dir}']
-  env = dict(os.environ, JAX_NUM_CPU_DEVICES='1')
-  out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+         f'--set=data.data_dir={data_dir}', *flags]
+  env = dict(os.environ, JAX_NUM_CPU_DEVICES='1', **dict(env))
+  return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600, preexec_fn=preexec_fn)
+
+
+@pytest.fixture(scope='module')
+def mini_study(digits_dir, tmp_path_factory):
+  """The miniature CPU study, run once by the command: two models (one per family) x two budgets."""
+  workdir = tmp_path_factory.mktemp('mini') / 'study'
+  out = _sweep(MINI, workdir, digits_dir)
   assert out.returncode == 0, out.stderr[-3000:]
+  return workdir, out
+
+
+def test_cpu_study_miniature_end_to_end_and_resume(mini_study, digits_dir, capsys):
+  """Runs, skips them when rerun, and writes the analysis."""
+  workdir, out = mini_study
   names = ['nf-XS_0.25ep', 'nf-XS_1ep', 'vit-XS_0.25ep', 'vit-XS_1ep']
   for name in names:
     with open(workdir / name / 'config.json') as f:
@@ -77,8 +94,69 @@ def test_cpu_study_miniature_end_to_end_and_resume(digits_dir, tmp_path, capsys)
   for name in ('nf-XS', 'vit-XS'):
     assert f'| {name.split("-")[0].replace("nf", "nfnet")} | {name} |' in report
   assert '**Answer:**' in report and (workdir / 'study.png').stat().st_size > 10_000
+  # One model per family: the growth rates of the compute-optimal model need more, said once each.
+  for family, model in (('nfnet', 'nf-XS'), ('vit', 'vit-XS')):
+    line = (f'- {family}: the compute-optimal growth rates (params_opt, epochs_opt ∝ C^x) are fitted over models '
+            f'and need runs of 2 or more, it has 1 ({model}); add models.')
+    assert report.count(line) == 1 and out.stdout.count(line) == 1
+  assert os.listdir(workdir / 'tensorboard' / 'study')
   # Rerun: every run is found finished and skipped, nothing is trained again.
-  runs = sweep.plan(spec, [f'data.data_dir={digits_dir}'])
+  runs = sweep.plan(MINI, [f'data.data_dir={digits_dir}'])
   assert all(sweep.finished(str(workdir / r.name)) for r in runs)
   assert sweep.train_all(runs, str(workdir))
   assert capsys.readouterr().out.count('finished earlier, skipped') == 4
+
+
+def test_run_killed_before_its_final_save_is_resumed_and_one_run_is_analysed(mini_study, digits_dir, tmp_path):
+  """A run with its final eval logged but no final checkpoint (killed between the two) is not finished: the
+  sweep trains it again. Then the analysis of that one run says which fits need more runs and still reports."""
+  root = tmp_path / 'study'
+  run_dir = root / 'nf-XS_0.25ep'
+  shutil.copytree(mini_study[0] / 'nf-XS_0.25ep', run_dir)
+  assert sweep.finished(str(run_dir))
+  shutil.rmtree(run_dir / 'checkpoints' / '6')  # The final (and only) save of the 6 steps.
+  assert not sweep.finished(str(run_dir))
+  out = _sweep(MINI, root, digits_dir, '--only=nf-XS_0.25ep')
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert '[1/1] nf-XS_0.25ep: 6 steps' in out.stdout and 'skipped' not in out.stdout
+  assert sweep.finished(str(run_dir)) and (run_dir / 'checkpoints' / '6').is_dir()
+  report = (root / 'study.md').read_text()
+  needs = report.split('## Fits that need more runs\n\n')[1].splitlines()
+  assert needs == [
+      '- nfnet: the power law through the frontier needs 2 or more frontier runs of distinct compute, it has 1; '
+      'add epoch budgets or models.',
+      '- nfnet: the compute-optimal growth rates (params_opt, epochs_opt ∝ C^x) are fitted over models and need '
+      'runs of 2 or more, it has 1 (nf-XS); add models.',
+      '- ConvNets vs ViTs: the answer needs a fitted frontier of both families (nfnet and vit); nfnet, vit have '
+      'none yet; add runs.']
+  assert all(line in out.stdout for line in needs)
+  assert '| nfnet | nf-XS |' in report and (root / 'study.png').stat().st_size > 10_000
+
+
+def test_non_finite_loss_in_a_sweep_exits_3_with_one_line(digits_dir, tmp_path):
+  """Deterministic: exit 3, which the launcher's restart loop does not retry (exit 1 would be retried)."""
+  out = _sweep(os.path.join(REPO, 'configs/convnets_at_scale_cpu.py') + ':models=vit-XS,epochs=0.25', tmp_path,
+               digits_dir, '--set=schedule.base_learning_rate=1e30')
+  assert out.returncode == 3, out.stderr[-3000:]
+  lines = out.stderr.strip().splitlines()
+  assert len(lines) == 1 and re.fullmatch(
+      r'error: run vit-XS_0\.25ep: train/(loss|param_norm) is (nan|inf|-inf) at step \d; stopped without saving '
+      r'\(nothing was saved\)\. Lower the learning rate .*', lines[0]), lines
+  assert not sweep.finished(str(tmp_path / 'vit-XS_0.25ep')) and not (tmp_path / 'study.md').exists()
+
+
+def test_io_failure_in_a_sweep_exits_74_with_one_line(digits_dir, tmp_path):
+  """A write the storage refuses during the final save: retryable, exit 74 (cli.TRANSIENT_IO_EXIT), one line
+  naming the run. The storage is a file-size limit of 8 KiB (EFBIG, as a full disk gives ENOSPC): the run's
+  records fit under it, its checkpoint's files do not."""
+  def limit_file_size():
+    resource.setrlimit(resource.RLIMIT_FSIZE, (8192, 8192))  # Python ignores SIGXFSZ: writes raise instead.
+
+  # No compilation cache entries written (they would fail too, with JAX's warning); those there are still read.
+  out = _sweep(os.path.join(REPO, 'configs/convnets_at_scale_cpu.py') + ':models=vit-XS,epochs=0.25', tmp_path,
+               digits_dir, env={'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '1e9'}, preexec_fn=limit_file_size)
+  assert out.returncode == cli.TRANSIENT_IO_EXIT == 74, out.stderr[-3000:]
+  lines = out.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith('error: run vit-XS_0.25ep: ') and 'File too large' in lines[0]
+  assert lines[0].endswith('rerun the same command to resume from the last checkpoint'), lines
+  assert 'step 6 | eval/loss' in out.stdout and not sweep.finished(str(tmp_path / 'vit-XS_0.25ep'))

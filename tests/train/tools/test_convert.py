@@ -113,9 +113,21 @@ def test_finetune_from_import_then_export_round_trips(hf_dir, tmp_path, tiny_mis
   np.testing.assert_allclose(half.model.norm.weight.detach().float().numpy(), want['model.norm.weight'], rtol=1e-2)
 
 
-def test_bad_source_is_one_line(tmp_path):
-  result = subprocess.run([sys.executable, '-m', 'train.convert', 'import', f'--src={tmp_path}',
+@pytest.mark.parametrize('config_json, line', [
+    (None, 'error: {src}/config.json not found; --src must be a model directory with its config.'),
+    ('{"hidden_size": 32,\x00garbage', 'error: {src}/config.json is not valid JSON (Expecting property name '
+                                       'enclosed in double quotes: line 1 column 20 (char 19)); replace it with the '
+                                       'file the model was released with.'),
+    ('[1, 2]', 'error: {src}/config.json holds a JSON list, not an object of settings; replace it with the file '
+               'the model was released with.'),
+    ('{"hidden_size": 32}', "error: {src}/config.json lacks 'num_attention_heads'; is it the config of a Mistral "
+                            'model?'),
+])
+def test_a_bad_source_is_named_in_one_line(tmp_path, config_json, line):
+  src = tmp_path / 'src'
+  src.mkdir()
+  if config_json is not None:
+    (src / 'config.json').write_text(config_json)
+  result = subprocess.run([sys.executable, '-m', 'train.convert', 'import', f'--src={src}',
                            f'--out={tmp_path / "o"}'], cwd=REPO, capture_output=True, text=True)
-  assert result.returncode == 2
-  assert result.stderr.strip().splitlines() == [f'error: {tmp_path}/config.json not found; --src must be a model '
-                                                'directory with its config.']
+  assert (result.returncode, result.stderr.splitlines()) == (2, [line.format(src=src)]), result.stderr

@@ -1,4 +1,7 @@
 """The run loader: any model's run comes back with the parameters a user evaluates."""
+import json
+import re
+
 import jax
 import numpy as np
 import pytest
@@ -38,6 +41,13 @@ def test_vit_run_with_a_frozen_base_and_ema_and_a_new_resolution(digits_dir, tmp
   assert bigger.model.apply({'params': bigger.params}, np.zeros((1, 16, 16, 1), np.float32)).shape == (1, 10)
   with pytest.raises(FileNotFoundError, match=r'has no step 7; it has \[2\]'):
     loader.load_run(str(tmp_path), step=7)
+  # A config.json that says fewer blocks than the checkpoint holds: refused, never a partial restore.
+  config = json.loads((tmp_path / 'config.json').read_text())
+  config['model']['depth'] = 1
+  (tmp_path / 'config.json').write_text(json.dumps(config))
+  with pytest.raises(ValueError, match=rf"^{re.escape(str(tmp_path))} step 2: parameter 'encoder/block_1/\S+' has shape "
+                                       r'\(\d+(, \d+)*\) there but is absent in this model;'):
+    loader.load_run(str(tmp_path))
 
 
 def test_nfnet_and_mistral_runs(digits_dir, tmp_path, tiny_mistral_config):
