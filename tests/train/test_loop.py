@@ -106,6 +106,14 @@ def _env():
   return env
 
 
+def _wait_for_checkpoint(proc, workdir, step, timeout_s=240):
+  """Returns once checkpoint `step` of the running `proc` is complete; fails if the run ends first."""
+  deadline = time.time() + timeout_s
+  while not (workdir / 'checkpoints' / str(step) / '_CHECKPOINT_METADATA').exists():
+    assert proc.poll() is None and time.time() < deadline, f'the run ended before checkpoint {step} was complete'
+    time.sleep(0.05)
+
+
 RESUME_FLAGS = ('--config.total_steps=120', '--config.log_every_steps=5', '--config.eval_every_steps=40',
                 '--config.checkpoint_every_steps=20')
 
@@ -127,11 +135,7 @@ def test_kill_and_resume_equals_uninterrupted_run_bitwise(digits_dir, tmp_path, 
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   victim = subprocess.Popen(_cli(killed, *flags, data_dir=digits_dir), cwd=REPO, env=_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  deadline = time.time() + 240
-  # kill -9 as soon as a checkpoint is complete, while the run is still going.
-  while not (killed / 'checkpoints' / '20' / '_CHECKPOINT_METADATA').exists():
-    assert victim.poll() is None and time.time() < deadline, 'the run ended before it could be killed'
-    time.sleep(0.05)
+  _wait_for_checkpoint(victim, killed, 20)  # kill -9 as soon as a checkpoint is complete, while the run goes on.
   victim.send_signal(signal.SIGKILL)
   victim.wait()
   assert not (killed / 'checkpoints' / '120').exists(), 'the run finished before the kill; lengthen it'
@@ -230,10 +234,7 @@ def test_ctrl_c_saves_at_the_step_boundary_and_a_rerun_resumes(digits_dir, tmp_p
   flags = (*TINY, '--config.total_steps=200', '--config.log_every_steps=50', '--config.checkpoint_every_steps=50')
   proc = subprocess.Popen(_cli(tmp_path, *flags, data_dir=digits_dir), cwd=REPO, env=_env(), text=True,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-  deadline = time.time() + 240
-  while not (tmp_path / 'checkpoints' / '50' / '_CHECKPOINT_METADATA').exists():
-    assert proc.poll() is None and time.time() < deadline, 'the run ended before it could be interrupted'
-    time.sleep(0.05)
+  _wait_for_checkpoint(proc, tmp_path, 50)
   proc.send_signal(signal.SIGINT)
   out, err = proc.communicate(timeout=120)
   assert proc.returncode == PREEMPTED_EXIT, err[-3000:]
