@@ -86,6 +86,25 @@ def profile_steps(steps: tuple[int, int] | None = None):
   return optional(tuple, steps)
 
 
+def minival_splits(split: str = 'train', percent: float = 10) -> tuple[str, str]:
+  """(the rest of `split` to train on, a minival to choose hyperparameters on): its last `percent` held out by
+  TFDS split slicing, e.g. ('train[:90%]', 'train[90%:]'). big_vision holds out train[99%:] of ImageNet,
+  train[98%:] of CIFAR and train[90%:] of Pets and Flowers; the test split is then only reported.
+
+  Deterministic and the same for every process count: the slice is of the split's record order, fixed when
+  the dataset was prepared, and the training pipeline shuffles only within its part. TFDS rounds a percent
+  boundary to the closest record ('closest' rounding): of the 1437 training digits, 90% is 1293.3, so
+  train[:90%] holds 1293 and train[90%:] 144 (and train[99%:] 14). The two parts share that one boundary, so
+  they are disjoint and together the whole split.
+  """
+  if '[' in split:
+    raise ValueError(f'minival_splits: split={split!r} is already sliced; pass the whole split\'s name.')
+  if isinstance(percent, bool) or not isinstance(percent, (int, float)) or not 0 < percent < 100:
+    raise ValueError(f'minival_splits: percent={percent!r} must be a number strictly between 0 and 100.')
+  keep = f'{100 - percent:g}'
+  return f'{split}[:{keep}%]', f'{split}[{keep}%:]'
+
+
 # The compute-budget study (configs/convnets_at_scale.py, configs/vit_at_scale.py): dataset name ->
 # (training images, classes, held-out split). JFT-4B is private: 'jft4b' is a tfds builder you provide.
 STUDY_DATASETS = {'imagenet2012': (1_281_167, 1000, 'validation'), 'jft4b': (4_000_000_000, 30_000, 'test')}
@@ -102,6 +121,19 @@ def study_image_data(dataset: str, train_res: int, eval_res: int) -> ml_collecti
       pp_train=f'decode|inception_crop({train_res})|flip_lr|value_range(-1, 1)|keep("image", "label")',
       pp_eval=f'decode|resize({eval_res + 32})|central_crop({eval_res})|value_range(-1, 1)|keep("image", "label")',
       num_train_examples=num_train, num_threads=32, prefetch=4))
+
+
+def study_held_out(data: ml_collections.ConfigDict, dataset: str) -> tuple[dict, str]:
+  """(config.evals, the select_eval) of a study run: its learning rate is chosen on held-out data and its
+  eval_split (evaluator `test`) is reported. ImageNet's validation split is the reported test, so a minival is
+  carved out of training: train[99%:], big_vision's (`data` then trains on train[:99%]). JFT-4B's held-out set
+  both chooses and is reported, as in the paper, whose reported number is the finetuned ImageNet top-1."""
+  evals = {'test': {'split': data.eval_split}}
+  if dataset != 'imagenet2012':
+    return evals, 'test'
+  data.train_split, minival = minival_splits('train', 1)
+  data.num_train_examples = round(data.num_train_examples * 0.99)  # TFDS rounds the boundary to the closest.
+  return {'minival': {'split': minival}, **evals}, 'minival'
 
 
 def study_grid(models, epochs, learning_rates, **fixed) -> list[str]:

@@ -1,1 +1,1 @@
-"""Data: tfds builders (digits), grain pipelines, pp ops (image_ops, randaugment) and batch mixing."""
+"""Data: tfds builders (digits, textures, local text), grain pipelines, pp ops (image_ops, randaugment) and batch mixing."""

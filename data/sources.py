@@ -7,9 +7,10 @@ from tensorflow_datasets.core import constants, file_adapters
 
 from . import digits
 from . import text
+from . import textures
 
 # Offline builders of this package, prepared on first use.
-OWN_BUILDERS = (digits.Digits.name, text.LocalText.name)
+OWN_BUILDERS = (digits.Digits.name, text.LocalText.name, textures.Textures.name)
 
 
 def _where(data_dir) -> str:

@@ -8,8 +8,10 @@ Usage::
 
 Pretrained weights: `vit_weights.from_timm(state_dict, num_heads)` / `vit_weights.from_hf(config,
 state_dict)` give (model_kwargs, params); they stay reachable as `vit.from_timm` / `vit.from_hf`.
-`adapt_params` fits trained params to a model at another resolution (resizes the position
-embedding); `stack_layers` / `unstack_layers` convert between scan=False and scan=True params.
+`adapt_params` fits trained params to a model at another resolution (resamples the position
+embedding: big_vision's bilinear or timm's antialiased bicubic, `resample_grid`); `adapt_param` is the same for
+one parameter, the hook a run's init_params loader calls; `stack_layers` / `unstack_layers` convert between
+scan=False and scan=True params.
 
 Images are NHWC. Every parameter is boxed with logical axis names at init
 ('embed', 'mlp', 'heads', 'head_dim', 'classes', 'layers', None); the residual
@@ -74,13 +76,74 @@ def posemb_sincos_2d(h: int, w: int, width: int, temperature: float = 10_000.0) 
   return pe[None].astype(jnp.float32)
 
 
-def resize_posemb(posemb: jax.Array | np.ndarray, new_grid_hw: Pair, num_prefix_tokens: int,
-                  old_grid_hw: Pair | None = None) -> jax.Array:
-  """Bilinearly resizes learned embeddings [1, prefix + h*w, d] to a new patch grid.
+# How a learned position embedding is resampled to another patch grid (`resize_posemb`'s `method`).
+POSEMB_RESAMPLING = ('bilinear', 'bicubic')
 
-  Prefix (class) token embeddings are kept as they are. `old_grid_hw` defaults to
-  a square grid. Sampling uses half-pixel centres without anti-aliasing, i.e. it
-  evaluates the bilinear interpolant of the old grid at the new grid's centres.
+
+def _linear_taps(n_in: int, n_out: int) -> np.ndarray:
+  """[n_out, n_in] weights of big_vision's resampling, `scipy.ndimage.zoom(order=1)`: the first and last grid
+  positions of both grids coincide (corner-aligned) and values in between are linear; no anti-aliasing."""
+  taps = np.zeros((n_out, n_in))
+  where = np.arange(n_out) * ((n_in - 1) / (n_out - 1)) if n_out > 1 else np.zeros(1)
+  left = np.minimum(np.floor(where).astype(int), n_in - 1)
+  right = np.minimum(left + 1, n_in - 1)
+  frac = where - left
+  np.add.at(taps, (np.arange(n_out), left), 1 - frac)
+  np.add.at(taps, (np.arange(n_out), right), frac)
+  return taps
+
+
+def _keys_cubic(x: np.ndarray, a: float = -0.5) -> np.ndarray:
+  """Keys' cubic convolution kernel. torch's antialiased bicubic uses a = -0.5 (PIL's choice); its plain
+  bicubic uses -0.75, so the two modes differ even when upsampling."""
+  x = np.abs(x)
+  near = ((a + 2) * x - (a + 3)) * x * x + 1
+  far = (((x - 5) * x + 8) * x - 4) * a
+  return np.where(x < 1, near, np.where(x < 2, far, 0.0))
+
+
+def _antialiased_cubic_taps(n_in: int, n_out: int) -> np.ndarray:
+  """[n_out, n_in] weights of `torch.nn.functional.interpolate(mode='bicubic', antialias=True,
+  align_corners=False)`, which timm's `resample_abs_pos_embed` calls.
+
+  Output i is centred at (i + 1/2) * n_in / n_out in input pixels. When shrinking, the kernel is stretched by
+  the shrink factor so that it low-pass filters instead of skipping pixels. Taps that would fall outside the
+  grid are dropped and each row is renormalised to sum to 1 (no edge padding).
+  """
+  scale = n_in / n_out
+  stretch = max(scale, 1.0)
+  support = 2.0 * stretch
+  taps = np.zeros((n_out, n_in))
+  for i in range(n_out):
+    centre = scale * (i + 0.5)
+    # int() truncates towards zero like the C++ kernel's casts, which sets where each window starts.
+    lo, hi = max(int(centre - support + 0.5), 0), min(int(centre + support + 0.5), n_in)
+    weights = _keys_cubic((np.arange(lo, hi) - centre + 0.5) / stretch)
+    taps[i, lo:hi] = weights / weights.sum()
+  return taps
+
+
+def resample_grid(grid: jax.Array | np.ndarray, new_hw: Pair, method: str = 'bilinear') -> jax.Array:
+  """[h, w, d] values on a grid -> [new_h, new_w, d], separably, computed in float32.
+
+  'bilinear': big_vision's `resample_posemb` (scipy.ndimage.zoom, order 1, corner-aligned, no anti-aliasing).
+  'bicubic': timm's `resample_abs_pos_embed` default (torch's bicubic with antialias=True).
+  """
+  taps = {'bilinear': _linear_taps, 'bicubic': _antialiased_cubic_taps}.get(method)
+  if taps is None:
+    raise ValueError(f'position embedding resampling {method!r} is unknown; choose one of {POSEMB_RESAMPLING}.')
+  (h, w, _), (nh, nw) = grid.shape, common.pair(new_hw)
+  rows, cols = (jnp.asarray(taps(n, m), jnp.float32) for n, m in ((h, nh), (w, nw)))
+  return jnp.einsum('yh,hwd,xw->yxd', rows, jnp.asarray(grid, jnp.float32), cols,
+                    precision=jax.lax.Precision.HIGHEST)
+
+
+def resize_posemb(posemb: jax.Array | np.ndarray, new_grid_hw: Pair, num_prefix_tokens: int,
+                  old_grid_hw: Pair | None = None, method: str = 'bilinear') -> jax.Array:
+  """Resamples learned embeddings [1, prefix + h*w, d] to a new patch grid with `resample_grid`'s `method`.
+
+  Prefix (class) token embeddings are kept as they are (timm's layout: they come first). `old_grid_hw`
+  defaults to a square grid. The same grid returns `posemb` unchanged.
   """
   posemb = jnp.asarray(posemb)
   prefix, grid = posemb[:, :num_prefix_tokens], posemb[:, num_prefix_tokens:]
@@ -96,8 +159,7 @@ def resize_posemb(posemb: jax.Array | np.ndarray, new_grid_hw: Pair, num_prefix_
     raise ValueError(f'old_grid_hw {(oh, ow)} does not match {n} grid tokens')
   if (oh, ow) == (nh, nw):
     return posemb
-  grid = jax.image.resize(grid.reshape(1, oh, ow, d).astype(jnp.float32), (1, nh, nw, d),
-                          method='bilinear', antialias=False)
+  grid = resample_grid(grid.reshape(oh, ow, d), (nh, nw), method)
   grid = grid.reshape(1, nh * nw, d).astype(posemb.dtype)
   return jnp.concatenate([prefix, grid], axis=1)
 
@@ -280,7 +342,9 @@ class Model(nn.Module):
       raise ValueError(f"pool_type must be 'tok', 'gap', 'map' or 'none', got {self.pool_type!r}")
     ph, pw = d['patch_size']
     if images.shape[1] % ph or images.shape[2] % pw:
-      raise ValueError(f'Image size {images.shape[1:3]} is not divisible by patch size {(ph, pw)}')
+      raise ValueError(f'image size {tuple(images.shape[1:3])} is not divisible by the ViT patch size {(ph, pw)}: '
+                       'resize the images to a multiple of the patch size (the resize or crop of the '
+                       'preprocessing) or choose a patch_size that divides the image size.')
 
     x = nn.Conv(width, (ph, pw), strides=(ph, pw), padding='VALID', dtype=dtype, name='embedding',
                 kernel_init=common.boxed(nn.initializers.lecun_normal(), (None, None, None, 'embed')),
@@ -399,19 +463,19 @@ def _shapes_by_path(tree: Any) -> dict[str, tuple[int, ...]]:
 
 
 def adapt_params(params: Params, target_shapes: Any, model_kwargs: Mapping[str, Any], *,
-                 source_grid_hw: Pair | None = None) -> Params:
+                 source_grid_hw: Pair | None = None, method: str = 'bilinear') -> Params:
   """Fits the params of a trained ViT to a model of the same architecture at another resolution.
 
   `target_shapes` is the target model's abstract parameter tree (jax.ShapeDtypeStruct
   leaves, e.g. `common.abstract_params(Model(**model_kwargs), (1, h, w, 3))`) and
   `model_kwargs` its kwargs. The learned `pos_embedding` is resized to the target's
-  patch grid with `resize_posemb` (class token kept as it is); every other entry is
+  patch grid with `resize_posemb` and `method` (class token kept as it is); every other entry is
   returned unchanged. The target grid is `posemb_grid` if set, else square; the source
   grid is `source_grid_hw` if given, else square. Raises ValueError if anything other
   than the position embedding differs (in shape or in tree structure, e.g. scan=True
   against scan=False params: convert those with stack_layers / unstack_layers first).
-  This is the hook a run loader calls (`getattr(models_module, 'adapt_params', None)`)
-  when a checkpoint's shapes differ from the model's.
+  This is the hook the tools' run loader calls (`getattr(models_module, 'adapt_params', None)`)
+  when a checkpoint's shapes differ from the model's; a run's init_params go through `adapt_param`.
   """
   have, want = _shapes_by_path(params), _shapes_by_path(target_shapes)
   resizable = lambda k: k == 'pos_embedding' and k in have and k in want
@@ -431,27 +495,51 @@ def adapt_params(params: Params, target_shapes: Any, model_kwargs: Mapping[str, 
   old, new = have['pos_embedding'], want['pos_embedding']
   if old[0] != new[0] or old[2] != new[2]:
     raise ValueError(f'pos_embedding {old} vs target {new}: only the token count may differ.')
+  posemb = params['pos_embedding']
+  resized = _resized_posemb(posemb, new, model_kwargs, source_grid_hw, method, 'source_grid_hw')
+  if isinstance(posemb, np.ndarray):  # host arrays stay host arrays
+    resized = np.asarray(resized)
+  return {**params, 'pos_embedding': resized}
+
+
+def _resized_posemb(posemb, target_shape: tuple[int, ...], model_kwargs: Mapping[str, Any],
+                    source_grid_hw: Pair | None, method: str, source_hint: str) -> jax.Array:
+  """`posemb` resampled to the token count of `target_shape`, for the model `model_kwargs` builds."""
   model = Model(**model_kwargs)
   num_prefix = int(model.pool_type == 'tok')  # the class token comes first, with its own embedding
 
-  def grid(n: int, grid_hw: Pair | None, what: str) -> tuple[int, int]:
+  def grid(n: int, grid_hw: Pair | None, what: str, hint: str) -> tuple[int, int]:
     if grid_hw is not None:
       gh, gw = common.pair(grid_hw)
     else:
       gh = gw = math.isqrt(n)
     if gh * gw != n:
       raise ValueError(f'the {what} pos_embedding has {n} grid tokens, not a '
-                       f'{"square" if grid_hw is None else f"{gh}x{gw}"} grid; '
-                       f'set {"source_grid_hw" if what == "checkpoint" else "posemb_grid"}.')
+                       f'{"square" if grid_hw is None else f"{gh}x{gw}"} grid; set {hint}.')
     return gh, gw
 
-  old_grid = grid(old[1] - num_prefix, source_grid_hw, 'checkpoint')
-  new_grid = grid(new[1] - num_prefix, model.posemb_grid, 'target')
-  posemb = params['pos_embedding']
-  resized = resize_posemb(posemb, new_grid, num_prefix, old_grid_hw=old_grid)
-  if isinstance(posemb, np.ndarray):  # host arrays stay host arrays
-    resized = np.asarray(resized)
-  return {**params, 'pos_embedding': resized}
+  old_grid = grid(posemb.shape[1] - num_prefix, source_grid_hw, 'checkpoint', source_hint)
+  new_grid = grid(target_shape[1] - num_prefix, model.posemb_grid, 'target', 'posemb_grid')
+  return resize_posemb(posemb, new_grid, num_prefix, old_grid_hw=old_grid, method=method)
+
+
+def adapt_param(name: str, value: Any, target_shape: tuple[int, ...], model_kwargs: Mapping[str, Any], *,
+                source_kwargs: Mapping[str, Any] | None = None, method: str = 'bilinear') -> Any:
+  """The run loader's hook for one loaded parameter whose shape differs from this model's: `value` fitted to
+  `target_shape`, or None when it cannot be fitted (the loader then refuses the source).
+
+  `name` is the '/'-joined parameter path. Only the learned position embedding ('pos_embedding') adapts: it is
+  resampled with `method` (see `resample_grid`) from the source's patch grid (`source_kwargs`' posemb_grid,
+  else square) to the target's (`model_kwargs`' posemb_grid, else square); its class token is kept.
+  """
+  shape = tuple(np.shape(value))
+  if name != 'pos_embedding' or len(shape) != 3 or len(target_shape) != 3:
+    return None
+  if (shape[0], shape[2]) != (target_shape[0], target_shape[2]):
+    return None  # another width: not a resolution change
+  source_grid = (source_kwargs or {}).get('posemb_grid')
+  return _resized_posemb(value, tuple(target_shape), model_kwargs, source_grid, method,
+                         "the source model's posemb_grid")
 
 
 def __getattr__(name: str) -> Any:

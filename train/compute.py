@@ -2,7 +2,9 @@
 
 Training FLOPs per example are what the run's objective says they cost given the model's analytic forward
 FLOPs, `models.<model_name>.forward_flops(model_kwargs, input_shape)`, and the adapter's trainable share of the
-parameters: 3 x forward for plain training (a forward, and a backward pass of twice the forward). A core is what a budget is
+parameters: 3 x forward for plain training (a forward, and a backward pass of twice the forward). SAM
+(`optimizer.sam_rho` > 0) pays for the objective's whole training cost twice: the gradient at the ascent point is a
+second full forward and backward over the same batch. A core is what a budget is
 counted in: a TensorCore on TPUs (a v4 or v5p chip has two and shows up in JAX as one device), a whole GPU,
 and one JAX device on CPU.
 
@@ -103,9 +105,15 @@ def trainable_fraction(config, input_shape: tuple[int, ...]) -> float:
   return adapters.trainable_fraction(adapter, boxed)
 
 
+def gradient_passes(config) -> int:
+  """Forward-and-backward passes per step over the batch: 2 with SAM (optimizer.sam_rho > 0), else 1."""
+  return 2 if (config.get('optimizer') or {}).get('sam_rho') else 1
+
+
 def train_flops_per_example(config, input_shape: tuple[int, ...], fraction: float | None = None) -> float:
   """The objective's training FLOPs of one example of `input_shape` (no batch axis), from the model's analytic
-  forward FLOPs and the adapter's trainable share of the parameters (`fraction`; computed when None)."""
+  forward FLOPs and the adapter's trainable share of the parameters (`fraction`; computed when None), times the
+  step's passes over the batch (`gradient_passes`)."""
   module = build.model_module(config)
   if not hasattr(module, 'forward_flops'):
     raise ValueError(f'models.{config.model_name} has no forward_flops(model_kwargs, input_shape); add one '
@@ -114,7 +122,7 @@ def train_flops_per_example(config, input_shape: tuple[int, ...], fraction: floa
   forward = module.forward_flops(build.model_kwargs(config), tuple(input_shape))
   if fraction is None:
     fraction = trainable_fraction(config, input_shape)
-  return objective.train_flops_per_example(forward, fraction)
+  return gradient_passes(config) * objective.train_flops_per_example(forward, fraction)
 
 
 def measured_train_flops(lowered_step, config) -> float | None:

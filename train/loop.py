@@ -18,12 +18,11 @@ from typing import Any
 from etils import epath
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
 from data import pipeline
-from train import adapters, cli, compute, objectives, runs, sharding
+from train import adapters, cli, compute, evaluation, objectives, runs, sharding
 from train import checkpoint as checkpoint_lib
 from train import metrics as metrics_lib
 from train import profiling
@@ -57,7 +56,7 @@ def check_config(config, num_devices: int, process_count: int) -> tuple[int, ...
       raise ValueError(f'{name}={value!r} must be a whole number of steps >= {least}'
                        f'{" (0: never evaluate)" if least == 0 else ""}; set --config.{name}.')
   ranges = [(f'schedule.{f}', None) for f in ('base_learning_rate', 'end_learning_rate', 'warmup_steps')]
-  ranges += [(f'optimizer.{f}', None) for f in ('weight_decay', 'grad_clip_norm', 'agc_clip')]
+  ranges += [(f'optimizer.{f}', None) for f in ('weight_decay', 'grad_clip_norm', 'agc_clip', 'sam_rho')]
   ranges += [(name, 1) for name in ('schedule.warmup_fraction', 'optimizer.ema_decay', 'optimizer.momentum',
                                     'optimizer.b1', 'optimizer.b2')]
   for name, most in ranges:
@@ -152,17 +151,18 @@ class _StopFlag:
 
 
 def _initial_params(config, fns, source: str | None = None):
-  """The whole model's parameters a run starts from: `source` (or config.init_params: an imported model or
-  another run's workdir, its evaluated parameters) restored into this run's shardings, else the seeded init."""
-  path = config.get('init_params') if source in (None, 'init') else source
-  if not path:
-    return fns.init_params(fns.init_key)
-  theirs = runs.read_config(path)
-  if theirs.get('model_name') != config.model_name:
-    raise ValueError(f'{path} holds model_name={theirs.get("model_name")!r}, this run {config.model_name!r}; '
-                     'point init_params (or config.frozen) at a model of the same kind.')
+  """The whole model's parameters a run starts from, in this run's shardings.
+
+  `source` None or 'init' (config.frozen's name for them): the run's initial parameters, `runs.initial_params`:
+  config.init_params (an imported model or another run's workdir, its evaluated parameters) less what
+  config.init_params_exclude matches, which is freshly initialised like the seeded init; without init_params,
+  the seeded init. Any other `source` (a frozen tree's own model directory) is restored whole: the exclusion
+  is about this run's start, not about another model it reads."""
   target = checkpoint_lib.abstract_with_shardings(fns.abstract_params, fns.param_shardings)
-  return runs.restore_params(path, target)
+  if source in (None, 'init'):
+    return runs.initial_params(config, target, fns.init_params, fns.init_key)
+  runs.check_same_kind(config, source, field='config.frozen')
+  return runs.restore_params(source, target)
 
 
 def _budgeted_steps_so_far(config, workdir: str) -> int | None:
@@ -216,9 +216,13 @@ def _train(config, workdir: str, devices, lock: workdir_lib.Lock) -> dict[str, A
 
   train_iter = pipeline.make_train_iter(config.data, global_batch_size=config.batch_size, seed=config.seed,
                                         process_index=process_index, process_count=process_count)
-  eval_batches, num_eval = pipeline.make_eval_iter(config.data, global_batch_size=eval_batch_size,
-                                                   process_index=process_index, process_count=process_count)
-  example = objective.example_input(next(iter(eval_batches())))
+  evaluators = evaluation.build(config, objective, global_batch_size=eval_batch_size, process_index=process_index,
+                                process_count=process_count)
+  # The init example comes from config.data's eval split whatever the evaluators: adding or changing one (say,
+  # at another resolution) never changes the shapes of the parameters a run starts or resumes with.
+  example_batches, _ = pipeline.make_eval_iter(config.data, global_batch_size=eval_batch_size,
+                                               process_index=process_index, process_count=process_count)
+  example = objective.example_input(next(iter(example_batches())))
   # Recorded in each checkpoint: what the model was initialised on (the run loader rebuilds a seeded base).
   example_spec = {'shape': list(example.shape), 'dtype': str(example.dtype)}
   # Training FLOPs count a training example, whose shape may differ from an eval one (224 vs 256 pixels):
@@ -247,15 +251,14 @@ def _train(config, workdir: str, devices, lock: workdir_lib.Lock) -> dict[str, A
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     fns = steps_lib.build(config, mesh, rules, model, objective, adapter, example, frozen_names=tuple(sources))
 
-    def evaluate(trainable) -> dict[str, float]:
-      sums = None
-      for local in eval_batches():
-        out = fns.eval(trainable, frozen, sharding.global_batch(local, fns.batch_sharding))
-        sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
-      sums = jax.tree.map(lambda x: float(np.asarray(x, np.float64)), jax.device_get(sums))
-      if int(sums['count']) != num_eval:
-        raise RuntimeError(f'evaluation saw {int(sums["count"])} examples, expected {num_eval}.')
-      return objective.eval_summary(sums)
+    def evaluate(at_step: int, chosen) -> dict[str, float]:
+      """The logged metrics of the `chosen` evaluators on the current state (EMA and raw), a line each."""
+      logged = {}
+      for metrics in evaluation.run(chosen, fns, objective, state, frozen).values():
+        logged.update(metrics)
+        if process_index == 0:
+          print(evaluation.line(at_step, metrics), flush=True)
+      return logged
 
     # The newest step this config can resume from, checked against it before any array is read (unreadable
     # steps are moved aside); None for a fresh workdir.
@@ -269,7 +272,8 @@ def _train(config, workdir: str, devices, lock: workdir_lib.Lock) -> dict[str, A
     # The frozen trees come from the initial parameters at every start, fresh or resumed.
     frozen = {}
     if latest is None:
-      state, base = fns.start(_initial_params(config, fns)) if config.get('init_params') else fns.init(fns.init_key)
+      starts_from_init = not (config.get('init_params') or config.get('init_params_exclude'))
+      state, base = fns.init(fns.init_key) if starts_from_init else fns.start(_initial_params(config, fns))
       meta = {'core_hours': 0.0}
     elif state_lib.BASE in fns.frozen_shardings:
       _, base = fns.split(_initial_params(config, fns))
@@ -296,10 +300,8 @@ def _train(config, workdir: str, devices, lock: workdir_lib.Lock) -> dict[str, A
     last_saved = latest
     eval_metrics: dict[str, float] = {}
     if step == 0 and config.get('eval_at_start'):  # The untrained (or imported) model's held-out numbers.
-      eval_metrics = evaluate(state_lib.evaluated(state))
+      eval_metrics = evaluate(0, evaluators)
       writer.write(0, eval_metrics)
-      if process_index == 0:
-        print('step 0 | ' + ' | '.join(f'{k} {v:.6g}' for k, v in eval_metrics.items()), flush=True)
 
     def check_finite():
       for s, m in jax.device_get(pending):
@@ -325,15 +327,22 @@ def _train(config, workdir: str, devices, lock: workdir_lib.Lock) -> dict[str, A
             'compute/trainable_params': adapters.num_elements(fns.abstract_state['trainable'])}
 
     def compile_train_step(state, batch, learning_rate):
-      """Compiles the train step ahead of time, once: XLA's FLOP count comes from the same lowering."""
+      """Compiles the train step ahead of time, once: XLA's FLOP count comes from the same lowering. An earlier
+      run of the same program in this process (a sweep) left it in `fns.compiled`."""
       started = time.perf_counter()
-      lowered = fns.train.lower(state, frozen, batch, learning_rate)
-      xla = compute.measured_train_flops(lowered, config)
+      args = (state, frozen, batch, learning_rate)
+      signature = (str(jax.tree.structure(args)),
+                   tuple((x.shape, str(x.dtype), getattr(x, 'sharding', None)) for x in jax.tree.leaves(args)))
+      reused = signature in fns.compiled
+      if not reused:
+        lowered = fns.train.lower(*args)
+        fns.compiled[signature] = (lowered.compile(), compute.measured_train_flops(lowered, config))
+      compiled, xla = fns.compiled[signature]
       if xla is not None:
         once['compute/flops_per_example_xla'] = xla
-      compiled = lowered.compile()
       if process_index == 0:
-        print(f'{compute.flops_line(flops_per_example, xla)} | train step compiled in '
+        how = 'reused from an earlier run in this process' if reused else 'compiled in'
+        print(f'{compute.flops_line(flops_per_example, xla)} | train step {how} '
               f'{time.perf_counter() - started:.1f} s', flush=True)
       return compiled
 
@@ -369,11 +378,11 @@ def _train(config, workdir: str, devices, lock: workdir_lib.Lock) -> dict[str, A
                           **compute.progress_metrics(train_flops, perf['compute/core_hours'], hardware))
             once.clear()
             progress.line(step, logged['train/loss'], perf)
-          if config.eval_every_steps and (step % config.eval_every_steps == 0 or is_last):
-            eval_metrics = evaluate(state_lib.evaluated(state))
-            record.update(eval_metrics)
-            if process_index == 0:
-              print(f'step {step} | ' + ' | '.join(f'{k} {v:.6g}' for k, v in eval_metrics.items()), flush=True)
+          due = [e for e in evaluators if e.spec.due(step, is_last)]
+          if due:
+            latest_eval = evaluate(step, due)
+            record.update(latest_eval)
+            eval_metrics.update(latest_eval)  # Each evaluator's latest numbers, whatever their cadences.
           if record:
             writer.write(step, record)
           if step % config.checkpoint_every_steps == 0 or is_last:

@@ -11,7 +11,11 @@ Each objective gives:
                                total weight, so micro-batches of any make-up add up to the full batch exactly.
   train_summary(sums)          the `train/<name>` metrics of a step's summed `sums` (jnp, inside the step).
   eval_sums(model, params, frozen, batch) -> per-batch sums (masked), added up over the split by the loop;
-  eval_summary(sums)           the `eval/<name>` metrics.
+                               'count' is what the split's count (from the data pipeline) is checked against.
+  eval_metrics                 the names eval_summary gives, which `config.evals.*.metrics` may choose from.
+  eval_summary(sums)           the metrics by those names, unprefixed: train/evaluation.py logs them as
+                               `eval/<metric>` or `eval/<evaluator>/<metric>` (`eval_raw/...` for the raw
+                               parameters beside their EMA).
   train_flops_per_example(forward_flops, trainable_fraction)
                                analytic training FLOPs of one example given the model's forward FLOPs and the
                                adapter's trainable share of the parameters: the compute accounting asks this.
@@ -39,10 +43,26 @@ def backprop_flops(forward_flops: float, trainable_fraction: float) -> float:
   return forward_flops * (2.0 + trainable_fraction)
 
 
+def label_rank(logits, labels):
+  """How many classes rank ahead of each example's label (0: top-1): a larger logit, or an equal one at a lower
+  class index. A count rather than a sort: O(classes) per example, and the tie rule is explicit."""
+  label_logit = jnp.take_along_axis(logits, labels[:, None], axis=-1)
+  lower = jnp.arange(logits.shape[-1]) < labels[:, None]
+  return ((logits > label_logit) | ((logits == label_logit) & lower)).sum(-1)
+
+
 class Classification:
-  """Softmax cross-entropy on images; labels are integer `label` or soft `labels` [b, classes]."""
+  """Softmax cross-entropy on images; labels are integer `label` or soft `labels` [b, classes] (evaluated
+  against their argmax).
+
+  Eval metrics: loss, accuracy (top-1), top5 and examples. An example is top-k correct when fewer than k
+  classes rank ahead of its label, where class j ranks ahead of label y if its logit is larger, or equal
+  with j < y: ties go to the lower class index, as argmax and jax.lax.top_k break them, so accuracy is
+  exactly the top-1 of this rule. With fewer than 5 classes top5 is 1.
+  """
   frozen_needs: tuple[str, ...] = ()
   unit = 'examples'
+  eval_metrics = ('loss', 'accuracy', 'top5', 'examples')
 
   def __init__(self, label_smoothing: float = 0.0, input_key: str = 'image'):
     self.label_smoothing = label_smoothing
@@ -78,11 +98,11 @@ class Classification:
     mask = batch['mask'].astype(jnp.float32)
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
     return {'loss': (losses * mask).sum(), 'correct': ((logits.argmax(-1) == labels) * mask).sum(),
-            'count': mask.sum()}
+            'correct5': ((label_rank(logits, labels) < 5) * mask).sum(), 'count': mask.sum()}
 
   def eval_summary(self, sums: Mapping[str, float]) -> dict[str, float]:
-    return {'eval/loss': sums['loss'] / sums['count'], 'eval/accuracy': sums['correct'] / sums['count'],
-            'eval/examples': sums['count']}
+    return {'loss': sums['loss'] / sums['count'], 'accuracy': sums['correct'] / sums['count'],
+            'top5': sums['correct5'] / sums['count'], 'examples': sums['count']}
 
   def train_flops_per_example(self, forward_flops: float, trainable_fraction: float = 1.0) -> float:
     return backprop_flops(forward_flops, trainable_fraction)
@@ -106,6 +126,7 @@ class LanguageModel:
   """
   frozen_needs: tuple[str, ...] = ()
   unit = 'tokens'
+  eval_metrics = ('loss', 'perplexity', 'accuracy', 'tokens')
 
   def example_input(self, batch):
     return batch['tokens'][:1]
@@ -143,8 +164,8 @@ class LanguageModel:
 
   def eval_summary(self, sums: Mapping[str, float]) -> dict[str, float]:
     loss = sums['loss'] / max(sums['predicted'], 1.0)
-    return {'eval/loss': loss, 'eval/perplexity': float(np.exp(loss)),
-            'eval/accuracy': sums['correct'] / max(sums['predicted'], 1.0), 'eval/tokens': sums['predicted']}
+    return {'loss': loss, 'perplexity': float(np.exp(loss)),
+            'accuracy': sums['correct'] / max(sums['predicted'], 1.0), 'tokens': sums['predicted']}
 
   def train_flops_per_example(self, forward_flops: float, trainable_fraction: float = 1.0) -> float:
     return backprop_flops(forward_flops, trainable_fraction)

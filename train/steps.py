@@ -7,8 +7,18 @@ them, so a benchmark times exactly the step that trains. Call `build` under `jax
 One step: merge the adapter's trainable and frozen halves, the objective's summed loss over each micro-batch
 (`config.microbatches`, a scan; gradients and sums added up), divide by the summed weight, one optax update of
 the trainable parameters, EMA. Nothing here depends on which model, objective or adapter runs.
+
+SAM (`config.optimizer.sam_rho` > 0; Foret et al. 2020, `sam_gradient`) is an option of that one step: the
+gradient g at w over the whole batch gives the ascent point w + rho g / ||g||_2, and the gradient there (same
+batch, same micro-batches, same dropout rng) is what the optimizer's update from w receives, so clipping, AGC
+and weight decay act on it as on a plain gradient. The ascent is the plain global form: ||g|| and the ascent
+point come from the gradient of the whole global batch, identical on every device. Brock et al. 2021 (NFNets,
+A.4) instead took each replica's ascent from its own rows, unsynced (m-sharpness), on 20% of the batch; that
+variant is not offered here. SAM costs a second forward and backward per step (see train/compute.py).
 """
+import collections
 import dataclasses
+import json
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -41,6 +51,9 @@ class Steps:
   learning_rates: np.ndarray  # schedule(step) for every step of the run; the train step's `lr` input
   init_key: jax.Array
   trainable_fraction: float   # the trainable share of the parameters (for the FLOPs of a backward pass)
+  # What callers compile from these functions, kept for the next run of the same program (see `build`):
+  # e.g. the loop's ahead-of-time compiled train step, keyed by its arguments' shapes and shardings.
+  compiled: dict = dataclasses.field(default_factory=dict, compare=False)
 
 
 def _unbox(boxed_abstract):
@@ -58,12 +71,73 @@ def split_microbatches(batch, microbatches: int):
   return jax.tree.map(split, batch)
 
 
+def sam_gradient(loss_and_grads, trainable, grads, rho: float):
+  """(loss, gradient) at the SAM ascent point w + rho g / ||g||_2 (Foret et al. 2020, eq. 2-3, p = 2), from the
+  gradient `grads` at w = `trainable`; `loss_and_grads(params) -> (loss, sums, grads)`.
+
+  The norm is the global L2 norm over the whole trainable tree, in float32. No epsilon is added to it: a zero
+  gradient leaves w where it is (the direction is undefined there, and an epsilon would only bias tiny norms).
+  """
+  norm = optax.tree.norm(jax.tree.map(lambda g: g.astype(jnp.float32), grads))
+  scale = jnp.where(norm > 0, rho / jnp.where(norm > 0, norm, 1.0), 0.0)
+  ascent = jax.tree.map(lambda w, g: (w + scale * g.astype(jnp.float32)).astype(w.dtype), trainable, grads)
+  loss, _, ascent_grads = loss_and_grads(ascent)
+  return loss, ascent_grads
+
+
+# Config fields the compiled programs never read: how long a run is and what it logs, evaluates, saves and reads.
+# Everything else in the config (and any field added later) is part of a program's identity.
+RUN_ONLY_FIELDS = frozenset({
+    'total_steps', 'schedule', 'budget', 'study', 'data', 'evals', 'batch_size', 'eval_batch_size',
+    'log_every_steps', 'eval_every_steps', 'checkpoint_every_steps', 'checkpoints_to_keep', 'eval_at_start',
+    'profile_steps', 'init_params', 'init_params_exclude', 'init_params_posemb', 'frozen'})
+_PROGRAMS: collections.OrderedDict = collections.OrderedDict()
+_MAX_PROGRAMS = 4
+
+
+def _program_key(config, mesh, rules, model, objective, adapter, example, frozen_names) -> str:
+  """Everything the traced programs depend on; batch shapes are not in it (jit keys on them itself)."""
+  fields = {k: v for k, v in config.to_dict().items() if k not in RUN_ONLY_FIELDS}
+
+  def described(obj):
+    return f'{type(obj).__module__}.{type(obj).__qualname__}{sorted(vars(obj).items()) if hasattr(obj, "__dict__") else ""}'
+
+  return json.dumps({
+      'config': fields, 'mesh': [list(mesh.axis_names), list(mesh.devices.shape), [d.id for d in mesh.devices.flat]],
+      'rules': [list(map(str, r)) for r in rules], 'model': repr(model), 'objective': described(objective),
+      'adapter': described(adapter), 'example': [list(example.shape), str(example.dtype)],
+      'frozen': sorted(frozen_names),
+      'jax': [str(jax.config.jax_default_matmul_precision), bool(jax.config.jax_enable_x64)]},
+      sort_keys=True, default=repr)
+
+
 def build(config, mesh, rules, model, objective, adapter, example, frozen_names=()) -> Steps:
-  """`frozen_names`: the frozen trees besides the adapter's base (whole parameter trees, e.g. 'reference')."""
+  """The run's functions. `frozen_names`: the frozen trees besides the adapter's base (whole parameter trees,
+  e.g. 'reference').
+
+  Runs of one program in one process (a sweep's learning rates and budgets of a model, one after another) share
+  the jitted functions and what was compiled from them: only the schedule is the run's own. Tracing, lowering
+  and loading compiled executables from XLA's persistent cache cost seconds per run otherwise, more than a small
+  run's training. Which config fields do not shape a program is `RUN_ONLY_FIELDS`; the rest is the key.
+  """
+  key = _program_key(config, mesh, rules, model, objective, adapter, example, frozen_names)
+  program = _PROGRAMS.pop(key, None)
+  if program is None:
+    program = _build_program(config, mesh, rules, model, objective, adapter, example, frozen_names)
+  _PROGRAMS[key] = program
+  while len(_PROGRAMS) > _MAX_PROGRAMS:
+    _PROGRAMS.popitem(last=False)
+  schedule = optimizers.make_schedule(config.schedule, config.total_steps)
+  learning_rates = np.asarray(jax.jit(jax.vmap(schedule))(jnp.arange(config.total_steps + 1)))
+  return dataclasses.replace(program, schedule=schedule, learning_rates=learning_rates)
+
+
+def _build_program(config, mesh, rules, model, objective, adapter, example, frozen_names) -> Steps:
   init_key, step_key = jax.random.split(jax.random.key(config.seed))
   split_key = jax.random.fold_in(init_key, 1)
   use_ema = bool(config.optimizer.get('ema_decay'))
   microbatches = int(config.get('microbatches') or 1)
+  sam_rho = float(config.optimizer.get('sam_rho') or 0.0)
   replicated = NamedSharding(mesh, P())
   batch_sharding = sharding.batch_sharding(mesh)
 
@@ -80,13 +154,11 @@ def build(config, mesh, rules, model, objective, adapter, example, frozen_names=
   if boxed_base:
     frozen_shardings[state_lib.BASE] = base_shardings
 
-  schedule = optimizers.make_schedule(config.schedule, config.total_steps)
   # The learning rate enters the step as an input, not as the schedule's formula: the compiled step then
-  # does not depend on the run's length, and one compilation (XLA's persistent cache) serves every budget
-  # of a sweep. The optimizer state is the same either way (a schedule callable keeps its step count).
+  # does not depend on the run's length, and one compilation serves every budget of a sweep (see `build`).
+  # The optimizer state is the same either way (a schedule callable keeps its step count).
   tx_for = lambda lr: optimizers.make_optimizer(config.optimizer, lambda count: lr, abstract_trainable)
   tx = tx_for(0.0)
-  learning_rates = np.asarray(jax.jit(jax.vmap(schedule))(jnp.arange(config.total_steps + 1)))
 
   def init_state(trainable):
     return state_lib.create(trainable, tx, use_ema)
@@ -133,10 +205,17 @@ def build(config, mesh, rules, model, objective, adapter, example, frozen_names=
   def train_step(state, frozen, batch, learning_rate):
     rng = jax.random.fold_in(step_key, state['step'])  # Per-step randomness from (seed, step): resumes draw the same.
     loss, sums, grads = loss_and_grads(state['trainable'], frozen, batch, rng)
+    extra = {}
+    if sam_rho:
+      # train/loss and the objective's metrics stay those at w; the loss at the ascent point is reported aside.
+      ascent_loss, grads = sam_gradient(lambda t: loss_and_grads(t, frozen, batch, rng), state['trainable'], grads,
+                                        sam_rho)
+      extra = {'train/sam_ascent_loss': ascent_loss}
     updates, opt_state = tx_for(learning_rate).update(grads, state['opt_state'], state['trainable'])
     trainable = optax.apply_updates(state['trainable'], updates)
+    # grad_norm is the norm of what the optimizer received (with SAM, the gradient at the ascent point).
     metrics = {'train/loss': loss, 'train/learning_rate': learning_rate, 'train/grad_norm': optax.tree.norm(grads),
-               'train/param_norm': optax.tree.norm(trainable), **objective.train_summary(sums)}
+               'train/param_norm': optax.tree.norm(trainable), **extra, **objective.train_summary(sums)}
     return state_lib.advance(state, trainable, opt_state, config.optimizer), metrics
 
   def start(params):
@@ -160,5 +239,5 @@ def build(config, mesh, rules, model, objective, adapter, example, frozen_names=
                    out_shardings=replicated),
       abstract_params=abstract_params, param_shardings=param_shardings, abstract_state=abstract_state,
       state_shardings=state_shardings, frozen_shardings=frozen_shardings, batch_sharding=batch_sharding,
-      schedule=schedule, learning_rates=learning_rates, init_key=init_key,
+      schedule=None, learning_rates=None, init_key=init_key,
       trainable_fraction=adapters_lib.trainable_fraction(adapter, abstract_params))

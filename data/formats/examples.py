@@ -6,6 +6,7 @@ Config fields and defaults (besides data_dir, shuffle, num_threads, prefetch: `C
   pp_train     ''               pp_eval     ''       (pp strings, see `image_ops`)
   mix          None             (training only: MixUp/CutMix, see below)
   num_train_examples  None      the train split's records, to skip counting them (see below)
+  augment_repeats  1            training only: repeated augmentation (see below)
 
 Batches are dicts of numpy arrays with the local batch first: int64 -> int32, float64 -> float32,
 and `image` always float32. Training batches have no `mask`; eval batches carry `mask` (bool).
@@ -26,8 +27,21 @@ augment_before_mix=False); to reproduce that, leave pp_train in 0..255 and put t
 The mixing randomness, and each pp_after example's, is seeded from (seed, index of the mixed chunk
 in the global stream), so get_state/set_state resume exactly. Each process mixes within its own
 share of a global batch, so mixed batches (unlike unmixed ones) depend on the process count.
+
+Repeated augmentation (`augment_repeats` = k > 1; Hoffer et al. 2019, the "augmentation multiplicity" of
+Fort et al. 2021): every record of the shuffled stream is followed by k - 1 copies of itself, each copy
+preprocessed with its own RNG (pp_train's randomness is seeded by stream position, so the k copies get
+independent crops, flips, ...). The shuffle is over distinct records, epoch by epoch as without repeats;
+the copies are consecutive and the global batch size must be a multiple of k, so each global batch holds
+B / k distinct records k times each (a process's share may split a record's copies with its neighbour's).
+An epoch budget still counts model inputs against the split's records (num_train_examples is unchanged),
+so at the same number of steps each record is seen k times less often, k augmentations at a time: the
+cost of a run stays fixed and its passes through the data shrink by k, as in the fine-tuning of Smith et
+al. 2023 (footnote 4). k > 1 with `mix` is refused: MixUp/CutMix would pair a record's copies with one
+another and the batch's make-up would no longer be B / k records k times.
 """
 from collections.abc import Callable, Iterator
+import sys
 
 import grain
 import numpy as np
@@ -106,6 +120,42 @@ class _Mix:
                    for i, s in enumerate(seeds)])
 
 
+def _augment_repeats(config, global_batch_size: int | None = None) -> int:
+  k = config.get('augment_repeats', None)
+  k = 1 if k is None else k
+  if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+    raise ValueError(f'data.augment_repeats={k!r} must be a whole number >= 1 (1: off); set '
+                     '--config.data.augment_repeats.')
+  if k > 1 and _mix_config(config) is not None:
+    raise ValueError(f'data.augment_repeats={k} cannot be combined with data.mix (MixUp/CutMix); set '
+                     '--config.data.augment_repeats=1 or --config.data.mix=None.')
+  if global_batch_size is not None and global_batch_size % k:
+    raise ValueError(f'batch_size={global_batch_size} is not a multiple of data.augment_repeats={k}, so a '
+                     "record's copies would straddle two batches; use a batch size divisible by "
+                     f'{k} or change --config.data.augment_repeats.')
+  return k
+
+
+class _EachRepeated(grain.MapDataset):
+  """Every element of `parent` k times in a row: element i is parent[i // k]."""
+
+  def __init__(self, parent: grain.MapDataset, k: int):
+    super().__init__(parent)
+    self._k = k
+    self._length = min(len(parent) * k, sys.maxsize)
+
+  def __len__(self) -> int:
+    return self._length
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    return self._parent[index // self._k]
+
+  def __str__(self) -> str:
+    return f'_EachRepeated(k={self._k})'
+
+
 class _Padded:
   """The records of `src` as (record, True), then (src[0], False) up to `size`."""
 
@@ -125,7 +175,7 @@ class Examples(base.DataFormat):
   """TFDS examples through pp strings, optionally mixed; see the module docstring."""
   name = 'examples'
   defaults = {**base.COMMON_DEFAULTS, 'train_split': 'train', 'eval_split': 'test',
-              'pp_train': '', 'pp_eval': ''}
+              'pp_train': '', 'pp_eval': '', 'augment_repeats': 1}
 
   def _source(self, config, split_key):
     return get_source(self.cfg(config, 'name'), self.cfg(config, split_key),
@@ -138,19 +188,25 @@ class Examples(base.DataFormat):
     only its contiguous share [b * B + p * B / P, b * B + (p + 1) * B / P), so the global batches
     depend on (seed, B) alone: P processes together see exactly what one process sees. With `mix`,
     each process mixes its share of 2B fresh examples, with an RNG from (seed, index of that share
-    in the stream), so mixed batches do depend on P. Batches may span epoch boundaries.
+    in the stream), so mixed batches do depend on P. Batches may span epoch boundaries. With
+    augment_repeats = k, the stream is the shuffled records each k times in a row (positions, and so
+    augmentation RNGs, count the copies).
     """
     batch_size = base.local_batch_size(global_batch_size, process_count)
     src = self._source(config, 'train_split')
     if len(src) == 0:
       raise ValueError(f'Train split {self.cfg(config, "train_split")!r} is empty.')
     mix = _mix_config(config)
+    repeats = _augment_repeats(config, global_batch_size)
     shuffle_seed, pp_seed, mix_seed = (
         int(s) for s in np.random.SeedSequence(seed).generate_state(3))
     ds = grain.MapDataset.source(src)
     if self.cfg(config, 'shuffle'):
       ds = ds.shuffle(seed=shuffle_seed)
-    ds = ds.repeat().random_map(_Prepare(self.cfg(config, 'pp_train')), seed=pp_seed)
+    ds = ds.repeat()
+    if repeats > 1:
+      ds = _EachRepeated(ds, repeats)
+    ds = ds.random_map(_Prepare(self.cfg(config, 'pp_train')), seed=pp_seed)
     if mix is None:
       ds = ds.batch(batch_size, drop_remainder=True)
     else:  # Each output example mixes two fresh ones (as in the NFNet reference).
@@ -181,7 +237,9 @@ class Examples(base.DataFormat):
     return (lambda: iter(ds)), n
 
   def num_train_examples(self, config) -> int:
-    """The split's records (or the config's `num_train_examples`), half as many with `mix`."""
+    """The split's records (or the config's `num_train_examples`), half as many with `mix`; augment_repeats
+    does not change it (see the module docstring)."""
+    _augment_repeats(config)
     given = config.get('num_train_examples')
     records = int(given) if given else len(self._source(config, 'train_split'))
     return records // 2 if _mix_config(config) else records

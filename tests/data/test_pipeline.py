@@ -1,4 +1,5 @@
-"""grain input pipelines over the digits dataset: process shares, determinism, resume, eval padding."""
+"""grain input pipelines over the digits dataset: process shares, determinism, resume, eval padding, mixing, repeated
+augmentation."""
 import itertools
 
 import ml_collections
@@ -292,3 +293,90 @@ def test_bad_mix_config_raises_one_line_value_error(digits_dir, mix, match):
     pipeline.make_train_iter(config(digits_dir, pp_train='onehot(10)', mix=mix),
                              global_batch_size=8, seed=0)
   assert '\n' not in str(e.value)
+
+
+# Repeated augmentation (`augment_repeats`): the records of each batch, their copies' augmentations, the shuffle,
+# resume, process shares and the config errors; records told apart by their image's bytes before augmentation.
+REPEAT_AUGMENT = 'random_crop(6)|resize(8)|flip_lr|value_range(-1, 1)'
+
+
+def record_ids(batches, image_to_index):
+  return [[image_to_index(img) for img in b['image']] for b in batches]
+
+
+@pytest.mark.parametrize('k', [2, 4])
+def test_each_batch_is_distinct_records_each_repeated_k_times(digits_dir, image_to_index, k):
+  raw = take(pipeline.make_train_iter(config(digits_dir, augment_repeats=k), global_batch_size=32, seed=5), 3)
+  for ids in record_ids(raw, image_to_index):
+    groups = [ids[i:i + k] for i in range(0, 32, k)]
+    assert all(len(set(g)) == 1 for g in groups)  # Copies are consecutive.
+    assert len({g[0] for g in groups}) == 32 // k  # And B / k records are distinct.
+
+
+def test_copies_get_independent_augmentations(digits_dir, image_to_index):
+  k = 4
+  raw, augmented = (take(pipeline.make_train_iter(config(digits_dir, augment_repeats=k, pp_train=pp),
+                                                  global_batch_size=64, seed=5), 2) for pp in ('', REPEAT_AUGMENT))
+  differing = []
+  for r, a in zip(raw, augmented):
+    np.testing.assert_array_equal(a['label'], r['label'])  # The same records: pp does not move the stream.
+    copies = a['image'].reshape(64 // k, k, -1)
+    differing += [len({c.tobytes() for c in group}) for group in copies]
+  # 2 flips x 9 crops: 4 independent draws coincide rarely; the same RNG for all copies would give 1 everywhere.
+  assert np.mean(np.array(differing) == 1) < 0.05 and np.mean(differing) > 3
+
+
+def test_the_shuffle_is_over_distinct_records_epoch_by_epoch(digits_dir, image_to_index):
+  # The records in order are the stream without repeats: 4 x 1437 copies = 89.8 batches of 64, so 100 batches
+  # cross into the second epoch and its new permutation.
+  k, n = 4, 100
+  plain = sum(record_ids(take(pipeline.make_train_iter(config(digits_dir), global_batch_size=64, seed=3),
+                              n // k + 1), image_to_index), [])
+  repeated = sum(record_ids(take(pipeline.make_train_iter(config(digits_dir, augment_repeats=k),
+                                                          global_batch_size=64, seed=3), n), image_to_index), [])
+  assert repeated[::k] == plain[:n * 64 // k]
+  assert sorted(set(repeated[:1437 * k])) == sorted(set(plain[:1437])) and len(set(plain[:1437])) == 1437
+
+
+@pytest.mark.parametrize('at, process_index, process_count', [(7, 0, 1), (30, 1, 2)])  # 30 x 48 / 3 < 1437.
+def test_with_repeats_restoring_state_mid_epoch_resumes_with_the_same_batches(digits_dir, at, process_index, process_count):
+  cfg = config(digits_dir, pp_train=REPEAT_AUGMENT, augment_repeats=3, num_threads=2, prefetch=3)
+  shard = dict(process_index=process_index, process_count=process_count)
+  it = pipeline.make_train_iter(cfg, global_batch_size=48, seed=1, **shard)
+  take(it, at)
+  state = it.get_state()
+  expected = take(it, 4)
+  fresh = pipeline.make_train_iter(cfg, global_batch_size=48, seed=1, **shard)
+  fresh.set_state(state)
+  assert_same_batches(take(fresh, 4), expected)
+
+
+@pytest.mark.parametrize('process_count', [2, 4])
+def test_with_repeats_processes_together_read_exactly_the_one_process_batches(digits_dir, process_count):
+  # 4 processes of a 24-row batch take 6 rows each: they split records' copies (k = 4) between them.
+  cfg = config(digits_dir, pp_train=REPEAT_AUGMENT, augment_repeats=4)
+  single = take(pipeline.make_train_iter(cfg, global_batch_size=24, seed=4), 6)
+  shares = [take(pipeline.make_train_iter(cfg, global_batch_size=24, seed=4, process_index=p,
+                                          process_count=process_count), 6) for p in range(process_count)]
+  together = [{key: np.concatenate([s[b][key] for s in shares]) for key in single[b]} for b in range(6)]
+  assert_same_batches(together, single)
+
+
+def test_repeats_leave_the_epoch_size_and_the_default_unchanged(digits_dir):
+  assert pipeline.num_train_examples(config(digits_dir, augment_repeats=4)) == 1437
+  a = take(pipeline.make_train_iter(config(digits_dir, pp_train=REPEAT_AUGMENT), global_batch_size=8, seed=0), 2)
+  b = take(pipeline.make_train_iter(config(digits_dir, pp_train=REPEAT_AUGMENT, augment_repeats=1),
+                                    global_batch_size=8, seed=0), 2)
+  assert_same_batches(a, b)
+
+
+@pytest.mark.parametrize('kw, batch, match', [
+    (dict(augment_repeats=3), 16, r'batch_size=16 is not a multiple of data.augment_repeats=3'),
+    (dict(augment_repeats=0), 16, r'data.augment_repeats=0 must be a whole number >= 1'),
+    (dict(augment_repeats=2.0), 16, r'data.augment_repeats=2.0 must be a whole number >= 1'),
+    (dict(augment_repeats=2, pp_train='onehot(10)', mix=dict()), 16, r'cannot be combined with data.mix'),
+])
+def test_bad_repeats_raise_one_line_value_errors(digits_dir, kw, batch, match):
+  with pytest.raises(ValueError, match=match) as e:
+    pipeline.make_train_iter(config(digits_dir, **kw), global_batch_size=batch, seed=0)
+  assert '\n' not in str(e.value) and '--config.data.' in str(e.value)

@@ -261,26 +261,71 @@ def test_resize_posemb():
   rng = np.random.RandomState(0)
   cls = rng.normal(size=(1, 1, 3)).astype(np.float32)
   posemb = np.concatenate([cls, rng.normal(size=(1, 35, 3)).astype(np.float32)], axis=1)
-  np.testing.assert_array_equal(vit.resize_posemb(posemb, (5, 7), 1, old_grid_hw=(5, 7)), posemb)
+  for method in vit.POSEMB_RESAMPLING:
+    np.testing.assert_array_equal(vit.resize_posemb(posemb, (5, 7), 1, old_grid_hw=(5, 7), method=method), posemb)
 
-  # A linear ramp a*i + b*j + c stays a linear ramp (exactly at 2x downsampling; away from
-  # the clamped border when upsampling), and prefix tokens are untouched.
-  def ramp(h, w, scale=1.0, shift=0.0):
-    i, j = np.meshgrid(np.arange(h) * scale + shift, np.arange(w) * scale + shift, indexing='ij')
-    return np.stack([2 * i - j, i + 3 * j + 1, -i], -1).reshape(1, h * w, 3).astype(np.float32)
+  # 'bilinear' maps the corner positions of both grids onto each other: a linear ramp a*i + b*j + c sampled
+  # on the old grid stays exactly that ramp, borders included, and prefix tokens are untouched.
+  def ramp(rows, cols):
+    i, j = np.meshgrid(rows, cols, indexing='ij')
+    return np.stack([2 * i - j, i + 3 * j + 1, -i], -1).reshape(1, len(rows) * len(cols), 3).astype(np.float32)
 
-  down = vit.resize_posemb(np.concatenate([cls, ramp(8, 12)], 1), (4, 6), 1, old_grid_hw=(8, 12))
+  down = vit.resize_posemb(np.concatenate([cls, ramp(np.arange(8), np.arange(12))], 1), (4, 6), 1,
+                           old_grid_hw=(8, 12))
   np.testing.assert_array_equal(down[:, :1], cls)
-  np.testing.assert_allclose(down[:, 1:], ramp(4, 6, scale=2.0, shift=0.5), atol=1e-5)
-  up = np.asarray(vit.resize_posemb(ramp(4, 4), (8, 8), 0)).reshape(8, 8, 3)
-  np.testing.assert_allclose(up[1:-1, 1:-1], ramp(8, 8, 0.5, -0.25).reshape(8, 8, 3)[1:-1, 1:-1],
-                             atol=1e-5)
+  np.testing.assert_allclose(down[:, 1:], ramp(np.linspace(0, 7, 4), np.linspace(0, 11, 6)), atol=1e-5)
+  up = vit.resize_posemb(ramp(np.arange(4), np.arange(4)), (7, 7), 0)
+  np.testing.assert_allclose(up, ramp(np.linspace(0, 3, 7), np.linspace(0, 3, 7)), atol=1e-5)
+  with pytest.raises(ValueError, match="'nearest' is unknown"):
+    vit.resize_posemb(posemb, (6, 6), 1, old_grid_hw=(5, 7), method='nearest')
 
   # Fine-tuning at a new resolution: resize, then the model accepts the new grid.
   model = vit.Model(**TINY)
   params = _random_params(model)
   params['pos_embedding'] = vit.resize_posemb(params['pos_embedding'], (6, 8), 1)
   assert _apply(model, params, _images((48, 64))).shape == (2, 7)
+
+
+@pytest.mark.parametrize('old, new', [(4, 7), (14, 9), (5, 12), (24, 7)], ids=['4to7', '14to9', '5to12', '24to7'])
+@pytest.mark.parametrize('num_prefix', [1, 0], ids=['cls', 'no_cls'])
+def test_resize_posemb_matches_timm_and_big_vision(old, new, num_prefix):
+  """'bicubic' is timm's resample_abs_pos_embed (torch's antialiased bicubic); 'bilinear' is big_vision's
+  resample_posemb, i.e. scipy.ndimage.zoom(order=1) of the grid."""
+  import scipy.ndimage
+  from timm.layers import pos_embed
+  rng = np.random.RandomState(old * 100 + new)
+  posemb = rng.normal(size=(1, num_prefix + old * old, 16)).astype(np.float32)
+  want = pos_embed.resample_abs_pos_embed(torch.from_numpy(posemb), [new, new], num_prefix_tokens=num_prefix)
+  got = vit.resize_posemb(posemb, (new, new), num_prefix, method='bicubic')
+  assert got.shape == (1, num_prefix + new * new, 16)
+  np.testing.assert_allclose(got, want.numpy(), atol=1e-5, rtol=0)
+
+  grid = posemb[0, num_prefix:].reshape(old, old, 16)
+  want = scipy.ndimage.zoom(grid, (new / old, new / old, 1), order=1).reshape(1, new * new, 16)
+  got = vit.resize_posemb(posemb, (new, new), num_prefix, method='bilinear')
+  np.testing.assert_array_equal(got[:, :num_prefix], posemb[:, :num_prefix])
+  np.testing.assert_allclose(got[:, num_prefix:], want, atol=1e-5, rtol=0)
+
+
+def test_adapt_param_resamples_only_the_position_embedding():
+  """The per-parameter hook of a run's init_params loader: the position embedding of a 4x4 grid fits a 6x6
+  grid with either method (class token kept); anything else, or another width, is not adaptable (None)."""
+  from timm.layers import pos_embed
+  kwargs = dict(TINY)
+  posemb = np.random.RandomState(1).normal(size=(1, 17, 64)).astype(np.float32)
+  got = vit.adapt_param('pos_embedding', posemb, (1, 37, 64), kwargs, method='bicubic')
+  want = pos_embed.resample_abs_pos_embed(torch.from_numpy(posemb), [6, 6], num_prefix_tokens=1).numpy()
+  np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+  got = vit.adapt_param('pos_embedding', posemb, (1, 37, 64), kwargs)
+  np.testing.assert_array_equal(got, vit.resize_posemb(posemb, (6, 6), 1, method='bilinear'))
+  assert vit.adapt_param('head/kernel', np.zeros((64, 7)), (64, 3), kwargs) is None
+  assert vit.adapt_param('pos_embedding', posemb, (1, 37, 32), kwargs) is None
+  # A non-square source grid needs the source model's posemb_grid (4x6 -> 6x6 here).
+  wide = np.random.RandomState(2).normal(size=(1, 25, 64)).astype(np.float32)
+  with pytest.raises(ValueError, match="24 grid tokens, not a square grid; set the source model's posemb_grid"):
+    vit.adapt_param('pos_embedding', wide, (1, 37, 64), kwargs)
+  got = vit.adapt_param('pos_embedding', wide, (1, 37, 64), kwargs, source_kwargs={'posemb_grid': (4, 6)})
+  np.testing.assert_array_equal(got, vit.resize_posemb(wide, (6, 6), 1, old_grid_hw=(4, 6)))
 
 
 def test_bfloat16_compute_float32_params():

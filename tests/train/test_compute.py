@@ -245,3 +245,15 @@ def test_epochs_budget_sets_the_loop_length_and_compute_metrics(digits_dir, tmp_
     assert 0 < r['compute/mfu'] < 1
   hours = [r['compute/core_hours'] for r in records]
   assert 0 < hours[0] < hours[1] < hours[2]
+
+
+def test_sam_doubles_the_training_flops_and_xla_agrees():
+  config, batch, input_shape = _vit_config()
+  plain = compute.train_flops_per_example(config, input_shape)
+  config.optimizer.sam_rho = 0.05
+  analytic = compute.train_flops_per_example(config, input_shape)
+  # The ascent-point gradient is a second full forward and backward of the same batch.
+  assert analytic == 2 * plain
+  xla = compute.measured_train_flops(_lowered_train_step(config, batch), config)
+  print(f'vit + SAM: XLA / analytic training FLOPs per example = {xla / analytic:.4f}')
+  assert xla == pytest.approx(analytic, rel=0.05)

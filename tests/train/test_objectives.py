@@ -46,6 +46,50 @@ def test_eval_sums_respect_the_mask():
   np.testing.assert_allclose(sums['loss'], _xent(LOGITS[1:], np.eye(3)[[2]]), rtol=1e-6)
 
 
+def _numpy_top_k_correct(logits, labels, mask, k):
+  """Masked count of labels among the k first classes of a stable descending sort (ties: lower index first)."""
+  order = np.argsort(-logits, axis=-1, kind='stable')[:, :k]
+  return int(((order == labels[:, None]).any(-1) & mask).sum())
+
+
+@pytest.mark.parametrize('classes, integer_logits', [(50, False), (12, True), (3, False)])
+def test_top5_and_accuracy_match_a_numpy_count(classes, integer_logits):
+  """Random logits (integer-valued ones make ties, which go to the lower class index), a quarter of the rows
+  padding (mask False); with 3 classes every label is in the top 5."""
+  rng = np.random.default_rng(classes)
+  n = 64
+  logits = rng.integers(-2, 3, (n, classes)).astype(np.float32) if integer_logits else rng.standard_normal(
+      (n, classes), dtype=np.float32)
+  labels = rng.integers(0, classes, n)
+  mask = rng.random(n) > 0.25
+  task = objectives.make_objective({'name': 'classification'})
+  sums = task.eval_sums(_Fixed(logits), None, {}, {'image': np.zeros((n, 1)), 'label': labels, 'mask': mask})
+  summary = task.eval_summary({k: float(v) for k, v in sums.items()})
+  real = int(mask.sum())
+  top5, top1 = _numpy_top_k_correct(logits, labels, mask, 5), _numpy_top_k_correct(logits, labels, mask, 1)
+  assert float(sums['correct5']) == top5 and float(sums['correct']) == top1
+  assert summary['examples'] == real
+  np.testing.assert_allclose(summary['top5'], top5 / real, rtol=1e-7)
+  np.testing.assert_allclose(summary['accuracy'], top1 / real, rtol=1e-7)
+  if classes < 5:
+    assert summary['top5'] == 1.0
+  else:
+    assert 0 < top5 < real  # The case can fail either way.
+  if integer_logits:  # Ties decided the answer for some rows: the rule is exercised, not assumed.
+    label_logit = logits[np.arange(n), labels]
+    assert ((logits == label_logit[:, None]).sum(-1) > 1).any()
+
+
+def test_top5_ties_follow_lax_top_k():
+  """The documented tie rule is jax.lax.top_k's: among equal logits the lower class index ranks first."""
+  logits = np.array([[1.0] * 8, [0.0, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0, 0.0]], np.float32)
+  for label in range(8):
+    labels = np.array([label, label])
+    want = (np.asarray(jax.lax.top_k(jnp.asarray(logits), 5)[1]) == label).any(-1)
+    got = np.asarray(objectives.label_rank(jnp.asarray(logits), jnp.asarray(labels))) < 5
+    np.testing.assert_array_equal(got, want)
+
+
 def test_unknown_task_is_one_line():
   with pytest.raises(ValueError, match="task.name='regression' is unknown"):
     objectives.make_objective({'name': 'regression'})
@@ -80,8 +124,8 @@ def test_language_model_loss_masks_segment_boundaries_and_padding():
   assert float(metrics['train/tokens']) == 3.0
   sums = task.eval_sums(_Bigram(table), None, {}, {**batch, 'mask': np.array([True])})
   summary = task.eval_summary({k: float(v) for k, v in sums.items()})
-  np.testing.assert_allclose(summary['eval/perplexity'], np.exp(want), rtol=1e-5)
-  assert summary['eval/tokens'] == 3.0
+  np.testing.assert_allclose(summary['perplexity'], np.exp(want), rtol=1e-5)
+  assert summary['tokens'] == 3.0
 
 
 def test_language_model_honours_zero_loss_weights_from_the_data():

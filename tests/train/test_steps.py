@@ -1,4 +1,5 @@
-"""The train step: micro-batches add up to the full batch; the compiled step needs less memory with them."""
+"""The train step: micro-batches add up to the full batch; the compiled step needs less memory with them; runs of
+one program in a process share it."""
 import flax.linen as nn
 import jax
 import numpy as np
@@ -50,3 +51,26 @@ def test_microbatches_lower_the_step_temporaries(tiny_config):
                                  fns.learning_rates[0]).compile()
     temporaries[m] = compiled.memory_analysis().temp_size_in_bytes
   assert temporaries[4] < 0.6 * temporaries[1], temporaries
+
+
+def test_runs_of_one_program_share_it_and_train_as_if_alone(digits_dir, tmp_path, tiny_config):
+  """A sweep's runs in one process reuse the compiled step of an earlier run of the same program (another
+  learning rate and length); each trains exactly as it does built afresh, and a run whose optimizer differs gets
+  its own program."""
+  first = tiny_config(digits_dir, total_steps=4, **{'schedule.base_learning_rate': 1e-3})
+  second = tiny_config(digits_dir, total_steps=6, **{'schedule.base_learning_rate': 3e-3})
+  decayed = tiny_config(digits_dir, total_steps=6, **{'schedule.base_learning_rate': 3e-3,
+                                                        'optimizer.weight_decay': 0.5})
+  steps._PROGRAMS.clear()
+  loop.train(first, str(tmp_path / 'first'))
+  shared = {name: loop.train(c, str(tmp_path / name)) for name, c in (('second', second), ('decayed', decayed))}
+  assert len(steps._PROGRAMS) == 2  # first and second share one; decayed is another.
+  for name, config in (('second', second), ('decayed', decayed)):
+    steps._PROGRAMS.clear()
+    alone = loop.train(config, str(tmp_path / f'{name}_alone'))
+    for a, b in zip(jax.tree.leaves(jax.device_get(shared[name]['state'])),
+                    jax.tree.leaves(jax.device_get(alone['state'])), strict=True):
+      np.testing.assert_array_equal(a, b)
+    logged = [metrics_lib.read_metrics(str(tmp_path / d)) for d in (name, f'{name}_alone')]
+    assert [r['train/loss'] for r in logged[0]] == [r['train/loss'] for r in logged[1]]
+    assert [r['train/learning_rate'] for r in logged[0]] == [r['train/learning_rate'] for r in logged[1]]

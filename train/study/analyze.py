@@ -1,17 +1,24 @@
 r"""Analyses a compute-budget study: python -m train.analyze --workdirs='workdirs/study/*' --out=DIR
 
-Reads every matched workdir's config.json (its `study` block: family, model, params, epochs,
-learning_rate) and metrics.jsonl (final `eval/loss` and compute), then writes DIR/study.md (every run, the
-frontier, per-family power laws, the compute-optimal allocation, the ConvNet-vs-ViT answer, and one line
-per fit that needs more runs than it has), DIR/study.png (loss vs compute, log-log) and the same figure as
-TensorBoard scalars under DIR/tensorboard/study (x: step = round(1000 x log10(compute))), and prints the
-report. Unfinished runs are listed and left out.
+Reads every matched pretraining workdir's config.json (its `study` block: family, model, params, epochs,
+learning_rate; optionally select_eval and report_eval, the evaluators whose final loss chooses the learning
+rate and is reported: `eval/<name>/loss`, else `eval/loss`) and metrics.jsonl (those losses and the compute:
+analytic FLOPs, measured core-hours, utilisation), and WORKDIR/finetune where a sweep's finetune stage wrote
+one (its final top-1: the evaluator of its config.study.report_eval, else `test` if it has one, else
+`eval/accuracy`). Then writes DIR/study.md (every run with the chosen learning rates marked, the frontier of
+the chosen runs, per-family power laws, the compute-optimal allocation, the finetuned top-1 against
+pretraining compute with a power law of its error, the estimated and measured compute with each family's
+utilisation, the ConvNet-vs-ViT answer in both terms, and one line per fit that needs more runs than it has),
+DIR/study.png (loss vs compute, log-log; a second panel of finetuned top-1 error vs pretraining compute when
+there are finetuned runs) and the figure as TensorBoard scalars under DIR/tensorboard/study (x: step =
+round(1000 x log10(compute))), and prints the report. Unfinished runs are listed and left out.
 
   --compute=flops              final compute/train_flops (default)
   --compute=core_hours         final compute/core_hours (devices x wall time as measured)
   --compute=budget_core_hours  train FLOPs / (peak FLOP/s per device of budget.hardware x budget.mfu) / 3600
-  --irreducible                fit loss = E + a * C^b instead of a * C^b
+  --irreducible                fit loss = E + a * C^b instead of a * C^b (and the top-1 error likewise)
 """
+import dataclasses
 import json
 import math
 import os
@@ -113,13 +120,15 @@ def read_run(workdir: str, compute: str = 'flops', peak_flops=None) -> scaling.R
   if missing:
     raise StudyError(f'{paths["config.json"]}: the study block lacks {missing}; it needs {list(STUDY_KEYS)}')
 
+  report_key, select_key = _eval_key(study, 'report_eval'), _eval_key(study, 'select_eval')
   total = config.get('total_steps')
   last = records[-1] if records else {}
   step = last.get('step', 0)
-  if not records or (total is not None and step < total) or 'eval/loss' not in last:
+  if not records or (total is not None and step < total) or report_key not in last or select_key not in last:
     why = f'at step {step}/{total if total is not None else "?"}' if records else 'nothing logged yet'
-    if records and 'eval/loss' not in last:
-      why += ', no eval/loss at its last logged step'
+    for key in dict.fromkeys((report_key, select_key)):
+      if records and key not in last:
+        why += f', no {key} at its last logged step'
     return f'incomplete, left out: {workdir} ({why})'
 
   keys = COMPUTE_KEYS[compute]
@@ -127,15 +136,68 @@ def read_run(workdir: str, compute: str = 'flops', peak_flops=None) -> scaling.R
   if value is None:
     raise StudyError(f'{paths["metrics.jsonl"]} logs no {keys[0]}: train with compute accounting, or choose '
                      'another --compute')
+  peak_flops = peak_flops or parse_peak_flops([])
   if compute == 'budget_core_hours':
-    value /= _device_flops(config, workdir, peak_flops or parse_peak_flops([])) * 3600.0
-  numbers = {'params': study['params'], 'epochs': study['epochs'], 'compute': value, 'eval/loss': last['eval/loss']}
+    value /= _device_flops(config, workdir, peak_flops) * 3600.0
+  numbers = {'params': study['params'], 'epochs': study['epochs'], 'compute': value, report_key: last[report_key],
+             select_key: last[select_key]}
   bad = [k for k, v in numbers.items() if not (isinstance(v, (int, float)) and 0 < v < math.inf)]
   if bad:
     raise StudyError(f'{workdir}: {bad} must be finite positive numbers, got {[numbers[k] for k in bad]}')
+  measured = _measured(records, config, workdir, peak_flops)
   return scaling.Run(family=str(study['family']), model=str(study['model']), params=int(study['params']),
                      epochs=float(study['epochs']), learning_rate=float(study['learning_rate']),
-                     compute=float(value), loss=float(last['eval/loss']), workdir=workdir)
+                     compute=float(value), loss=float(last[report_key]), workdir=workdir,
+                     select_loss=float(last[select_key]), **measured)
+
+
+def _eval_key(study: dict, field: str) -> str:
+  name = study.get(field)
+  return f'eval/{name}/loss' if name else 'eval/loss'
+
+
+def _final(records, key: str):
+  return next((r[key] for r in reversed(records) if key in r), None)
+
+
+def _measured(records, config, workdir: str, peak_flops) -> dict[str, float | None]:
+  """A run's analytic train FLOPs, measured core-hours and utilisation as logged, and the core-hours its
+  budget estimates (None where its hardware has no known peak, e.g. 'cpu', whose peak is measured per run)."""
+  flops, hours, mfu = (_final(records, k) for k in ('compute/train_flops', 'compute/core_hours', 'compute/mfu'))
+  estimate = None
+  if flops is not None:
+    try:
+      estimate = flops / (_device_flops(config, workdir, peak_flops) * 3600.0)
+    except StudyError:
+      pass  # Shown as '-': the report still holds what was measured.
+  return {'train_flops': flops, 'core_hours': hours, 'mfu': mfu, 'budget_core_hours': estimate}
+
+
+def read_finetune(workdir: str) -> float | str | None:
+  """The top-1 of WORKDIR/finetune, the finetune run of pretraining run WORKDIR: None when there is none, a
+  note when it is unfinished. The metric: its config.study.report_eval's accuracy if it names one, else the
+  `test` evaluator's, else eval/accuracy."""
+  finetune = os.path.join(workdir, 'finetune')
+  if not epath.Path(finetune, 'config.json').is_file():
+    return None
+  try:
+    config = json.loads(epath.Path(finetune, 'config.json').read_text())
+    records = metrics_lib.read_metrics(finetune)
+  except (json.JSONDecodeError, ValueError, OSError) as e:
+    raise StudyError(f'{finetune}: unreadable ({cli.one_line(e)}); fix or remove the file') from None
+  last = records[-1] if records else {}
+  name = (config.get('study') or {}).get('report_eval')
+  key = f'eval/{name}/accuracy' if name else 'eval/test/accuracy' if 'eval/test/accuracy' in last else 'eval/accuracy'
+  total, step = config.get('total_steps'), last.get('step', 0)
+  if not records or (total is not None and step < total) or key not in last:
+    why = f'at step {step}/{total if total is not None else "?"}' if records else 'nothing logged yet'
+    if records and key not in last:
+      why += f', no {key} at its last logged step'
+    return f'finetune incomplete, left out: {finetune} ({why})'
+  top1 = last[key]
+  if not (isinstance(top1, (int, float)) and 0 <= top1 <= 1):
+    raise StudyError(f'{finetune}: {key} must be a fraction in [0, 1], got {top1!r}')
+  return float(top1)
 
 
 def _device_flops(config, workdir: str, peak_flops: dict[str, float]) -> float:
@@ -159,7 +221,15 @@ def load_runs(patterns, compute: str = 'flops', peak_flops=None) -> tuple[list[s
   runs, notes = [], []
   for workdir in find_workdirs(patterns):
     run = read_run(workdir, compute, peak_flops)
-    (notes if isinstance(run, str) else runs).append(run)
+    if isinstance(run, str):
+      notes.append(run)
+      continue
+    top1 = read_finetune(workdir)
+    if isinstance(top1, str):
+      notes.append(top1)
+    elif top1 is not None:
+      run = dataclasses.replace(run, top1=top1)
+    runs.append(run)
   if not runs:
     raise StudyError(f'none of the {len(notes)} matched runs has finished; wait for them or check the workdirs')
   return runs, notes
@@ -178,21 +248,36 @@ def compute_label(compute: str, workdirs) -> str:
   return f'training compute ({name}core hours, estimated from FLOPs)'
 
 
+def loss_label(workdirs) -> str:
+  """What the report's losses are: the metric chosen on and the one reported, as the runs' study blocks say."""
+  keys = set()
+  for workdir in workdirs:
+    study = json.loads(epath.Path(workdir, 'config.json').read_text()).get('study') or {}
+    keys.add((_eval_key(study, 'select_eval'), _eval_key(study, 'report_eval')))
+  parts = []
+  for select, report in sorted(keys):
+    parts.append(f'final held-out `{report}`' + (f', learning rate chosen on `{select}`' if select != report else
+                                                  ' (the learning rate is chosen on it too)'))
+  return '; '.join(parts)
+
+
 def tensorboard_step(compute: float) -> int:
   """A run's x position in TensorBoard, whose x axis is an integer step: 1000 x log10(compute), so that the
   curves lie on the report's logarithmic axis (step 12000 is 1e12) and paper-scale FLOPs fit an int64."""
   return round(1000 * math.log10(compute))
 
 
-def tensorboard_tag(family: str, compute: str) -> str:
-  return f'study/{family}/eval_loss_vs_log10_{COMPUTE_NAMES[compute]}'
+def tensorboard_tag(family: str, compute: str, finetuned: bool = False) -> str:
+  what = 'finetune_top1_error' if finetuned else 'eval_loss'
+  return f'study/{family}/{what}_vs_log10_{COMPUTE_NAMES[compute]}'
 
 
 def write_tensorboard(study: scaling.Study, out: str, compute: str, label: str, report: str) -> str:
   """The figure of study.png as TensorBoard scalars under OUT/tensorboard/study: per family one tag (see
   tensorboard_tag) at tensorboard_step(compute), drawn by one TensorBoard run per model (each epoch budget's
-  best learning rate), one for the frontiers and one for the fitted power laws; the report as text. Replaces
-  what an earlier analysis wrote there. Returns the directory."""
+  best learning rate), one for the frontiers and one for the fitted power laws; with finetuned runs a second
+  tag per family, their top-1 error against pretraining compute, drawn the same way; the report as text.
+  Replaces what an earlier analysis wrote there. Returns the directory."""
   from tensorboardX import SummaryWriter
   root = epath.Path(out, 'tensorboard', 'study')
   if root.exists():  # A rerun would otherwise add a second, out-of-order copy of every point.
@@ -201,8 +286,8 @@ def write_tensorboard(study: scaling.Study, out: str, compute: str, label: str, 
   local = epath.Path(tempfile.mkdtemp(prefix='study_tensorboard_')) if paths_lib.is_url(out) else root
   series: dict[tuple[str, str], dict[int, float]] = {}  # (TensorBoard run, tag) -> {step: loss}
 
-  def add(name, family, points):
-    values = series.setdefault((name, tensorboard_tag(family, compute)), {})
+  def add(name, family, points, finetuned=False):
+    values = series.setdefault((name, tensorboard_tag(family, compute, finetuned)), {})
     for c, loss in points:  # One value per step: the lowest, as on the frontier.
       step = tensorboard_step(c)
       values[step] = min(values.get(step, math.inf), float(loss))
@@ -215,8 +300,16 @@ def write_tensorboard(study: scaling.Study, out: str, compute: str, label: str, 
     if isinstance(fit, scaling.PowerLawFit):
       grid = np.geomspace(front[0].compute, front[-1].compute, 17)
       add('power-law fit', family, zip(grid, fit.predict(grid)))
-  about = (f'Final held-out eval/loss against {label}; x: step = round(1000 x log10(compute)), '
-           'so step 12000 is 1e12.')
+  for r in study.finetuned:
+    add(r.model, r.family, [(r.compute, r.top1_error)], finetuned=True)
+  for family, front in study.ft_frontiers.items():
+    add('frontier', family, [(r.compute, r.top1_error) for r in front], finetuned=True)
+    fit = study.ft_fits[family]
+    if isinstance(fit, scaling.PowerLawFit):
+      grid = np.geomspace(front[0].compute, front[-1].compute, 17)
+      add('power-law fit', family, zip(grid, fit.predict(grid)), finetuned=True)
+  about = (f'Final held-out loss (or finetuned top-1 error) against {label}; x: step = round(1000 x '
+           'log10(compute)), so step 12000 is 1e12.')
   writers = {}
   try:
     for (name, tag), values in series.items():
@@ -238,13 +331,13 @@ def write_tensorboard(study: scaling.Study, out: str, compute: str, label: str, 
 
 
 def write_report(patterns, out: str, compute: str = 'flops', irreducible: bool = False, confidence: float = 0.95,
-                 num_levels: int = 8, peak_flops=None) -> str:
+                 num_levels: int = 8, peak_flops=None, scope: str | None = None) -> str:
   """Analyses the runs matched by `patterns`; writes OUT/study.md, OUT/study.png and the figure's scalars
   under OUT/tensorboard/study (write_tensorboard); returns the report."""
   runs, notes = load_runs(patterns, compute, peak_flops)
   study = scaling.analyze(runs, irreducible=irreducible, confidence=confidence, num_levels=num_levels)
   label = compute_label(compute, [r.workdir for r in runs])
-  report = scaling.markdown(study, label, notes)
+  report = scaling.markdown(study, label, notes, loss_label([r.workdir for r in runs]), scope)
   epath.Path(out).mkdir(parents=True, exist_ok=True)
   epath.Path(out, 'study.md').write_text(report)
   with epath.Path(out, 'study.png').open('wb') as f:  # A file object: matplotlib cannot open gs:// paths itself.

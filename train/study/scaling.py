@@ -1,8 +1,10 @@
 """Scaling analysis of a compute-budget study: frontiers, power-law fits, compute-optimal allocation.
 
-Pure functions over `Run`s (one finished training run each: its model, epoch budget, compute and final
-held-out loss); `python -m train.analyze` reads workdirs into Runs and writes the report and figure.
-Fits are least squares in log-log space, where the paper's loss-vs-compute frontier is a straight line.
+Pure functions over `Run`s (one finished pretraining run each: its model, epoch budget, compute, final
+held-out loss, the loss its learning rate was chosen on, and the top-1 of its finetune run if it has one);
+`python -m train.analyze` reads workdirs into Runs and writes the report and figure. Fits are least squares
+in log-log space, where the paper's loss-vs-compute frontier is a straight line; the finetuned analysis fits
+the top-1 error (1 - top-1) the same way, against pretraining compute.
 """
 from collections.abc import Sequence
 import dataclasses
@@ -23,8 +25,22 @@ class Run:
   epochs: float
   learning_rate: float
   compute: float
-  loss: float
+  loss: float  # The reported held-out loss.
   workdir: str = ''
+  select_loss: float | None = None  # What the learning rate is chosen on (minival); None: `loss` itself.
+  top1: float | None = None  # Finetuned top-1 of its finetune run; None: not finetuned (or not finished).
+  train_flops: float | None = None  # Analytic; and the measured and estimated cost of the same training:
+  core_hours: float | None = None
+  budget_core_hours: float | None = None
+  mfu: float | None = None  # Logged utilisation (train FLOPs / (measured core-seconds x peak per core)).
+
+  @property
+  def selection(self) -> float:
+    return self.loss if self.select_loss is None else self.select_loss
+
+  @property
+  def top1_error(self) -> float | None:
+    return None if self.top1 is None else 1.0 - self.top1
 
 
 def frontier(points: Sequence[Sequence]) -> list:
@@ -172,11 +188,12 @@ def _fit_with_floor(xc, ly, min_loss):
 
 
 def best_per_budget(runs: Sequence[Run]) -> list[Run]:
-  """Per (family, model, epochs), the run of lowest loss: the learning-rate sweep's winner."""
+  """Per (family, model, epochs), the run of lowest selection loss: the learning-rate sweep's winner, chosen on
+  held-out data that is not the reported split where the runs log both."""
   best = {}
   for r in runs:
     key = (r.family, r.model, r.epochs)
-    if key not in best or r.loss < best[key].loss:
+    if key not in best or r.selection < best[key].selection:
       best[key] = r
   return sorted(best.values(), key=lambda r: (r.family, r.params, r.model, r.compute))
 
@@ -296,39 +313,101 @@ def compare(convnet: PowerLawFit, vit: PowerLawFit, convnet_range: tuple[float, 
 
 
 @dataclasses.dataclass(frozen=True)
+class Utilisation:
+  """A family's hardware efficiency over its runs that logged measured compute."""
+  runs: int
+  train_flops: float  # Analytic, summed.
+  core_hours: float  # Measured, summed.
+  median_mfu: float | None  # Median of the runs' logged utilisation (a sweep's first run of a model also pays its
+  # compilation, which the later runs share); None where no run logged one.
+
+  @property
+  def core_hours_per_flop(self) -> float:
+    return self.core_hours / self.train_flops
+
+
+def utilisation(runs: Sequence[Run]) -> Utilisation | None:
+  measured = [r for r in runs if r.train_flops and r.core_hours]
+  if not measured:
+    return None
+  mfus = [r.mfu for r in measured if r.mfu is not None]
+  return Utilisation(len(measured), float(sum(r.train_flops for r in measured)),
+                     float(sum(r.core_hours for r in measured)), float(np.median(mfus)) if mfus else None)
+
+
+@dataclasses.dataclass(frozen=True)
 class Study:
   runs: list[Run]
-  frontiers: dict[str, list[Run]]  # Per family.
+  frontiers: dict[str, list[Run]]  # Per family, over its chosen (best learning rate) runs.
   fits: dict[str, PowerLawFit | str]  # A fit, or why there is none.
   optimal: dict[str, ComputeOptimal]
   comparison: Comparison | None
   confidence: float
   needs: list[str] = dataclasses.field(default_factory=list)  # One line per fit that needs more runs.
+  # The finetuned analysis: top-1 error against pretraining compute, per family with finetuned runs.
+  ft_frontiers: dict[str, list[Run]] = dataclasses.field(default_factory=dict)
+  ft_fits: dict[str, PowerLawFit | str] = dataclasses.field(default_factory=dict)
+  ft_comparison: Comparison | None = None
+  utilisation: dict[str, Utilisation | None] = dataclasses.field(default_factory=dict)
 
   def on_frontier(self, run: Run) -> bool:
     return any(run is r for r in self.frontiers.get(run.family, ()))
 
+  def on_ft_frontier(self, run: Run) -> bool:
+    return any(run is r for r in self.ft_frontiers.get(run.family, ()))
+
+  def chosen(self, run: Run) -> bool:
+    return any(run is r for r in best_per_budget(self.runs))
+
+  @property
+  def finetuned(self) -> list[Run]:
+    return [r for r in self.runs if r.top1 is not None]
+
+
+def _frontier_fit(points: Sequence[tuple[float, float, Run]], irreducible: bool,
+                  confidence: float) -> tuple[list[Run], PowerLawFit | str]:
+  kept = frontier(points)
+  front = [p[2] for p in kept]
+  try:
+    return front, fit_power_law([p[0] for p in kept], [p[1] for p in kept], irreducible=irreducible,
+                                confidence=confidence)
+  except ValueError as e:
+    return front, f'no fit on {len(front)} frontier runs: {e}'
+
+
+def _compare_families(frontiers, fits) -> Comparison | None:
+  if not (isinstance(fits.get(CONVNET), PowerLawFit) and isinstance(fits.get(VIT), PowerLawFit)):
+    return None
+  span = {f: (frontiers[f][0].compute, frontiers[f][-1].compute) for f in (CONVNET, VIT)}
+  return compare(fits[CONVNET], fits[VIT], span[CONVNET], span[VIT])
+
 
 def analyze(runs: Sequence[Run], irreducible: bool = False, confidence: float = 0.95,
             num_levels: int = 8) -> Study:
-  """Per family: its frontier, a power law through it, the compute-optimal allocation; then ConvNet vs ViT."""
+  """Per family: the frontier of its chosen runs (the best learning rate of each model and epoch budget), a
+  power law through it, the compute-optimal allocation; the same frontier and fit of the finetuned top-1 error
+  against pretraining compute; its measured utilisation; then ConvNet vs ViT in both terms."""
   runs = sorted(runs, key=lambda r: (r.family, r.params, r.model, r.compute, r.learning_rate))
   families = sorted({r.family for r in runs})
-  frontiers, fits, optimal = {}, {}, {}
+  frontiers, fits, optimal, ft_frontiers, ft_fits, used = {}, {}, {}, {}, {}, {}
   for family in families:
     members = [r for r in runs if r.family == family]
-    frontiers[family] = [p[2] for p in frontier([(r.compute, r.loss, r) for r in members])]
-    try:
-      fits[family] = fit_power_law([r.compute for r in frontiers[family]], [r.loss for r in frontiers[family]],
-                                   irreducible=irreducible, confidence=confidence)
-    except ValueError as e:
-      fits[family] = f'no fit on {len(frontiers[family])} frontier runs: {e}'
+    chosen = best_per_budget(members)
+    frontiers[family], fits[family] = _frontier_fit([(r.compute, r.loss, r) for r in chosen], irreducible,
+                                                    confidence)
     optimal[family] = compute_optimal(members, num_levels=num_levels, confidence=confidence)
-  comparison = None
-  if isinstance(fits.get(CONVNET), PowerLawFit) and isinstance(fits.get(VIT), PowerLawFit):
-    span = {f: (frontiers[f][0].compute, frontiers[f][-1].compute) for f in (CONVNET, VIT)}
-    comparison = compare(fits[CONVNET], fits[VIT], span[CONVNET], span[VIT])
-  study = Study(runs, frontiers, fits, optimal, comparison, confidence)
+    finetuned = [r for r in members if r.top1 is not None]
+    if finetuned:
+      if any(r.top1_error <= 0 for r in finetuned):  # A perfect score has no place on a log axis.
+        ft_frontiers[family] = []
+        ft_fits[family] = 'no fit: a finetuned top-1 of 100% has zero error, which a power law cannot fit'
+      else:
+        ft_frontiers[family], ft_fits[family] = _frontier_fit([(r.compute, r.top1_error, r) for r in finetuned],
+                                                              irreducible, confidence)
+    used[family] = utilisation(members)
+  study = Study(runs, frontiers, fits, optimal, _compare_families(frontiers, fits), confidence,
+                ft_frontiers=ft_frontiers, ft_fits=ft_fits, ft_comparison=_compare_families(ft_frontiers, ft_fits),
+                utilisation=used)
   return dataclasses.replace(study, needs=needs_more_runs(study, irreducible))
 
 
@@ -358,6 +437,20 @@ def needs_more_runs(study: Study, irreducible: bool = False) -> list[str]:
     why = (f'{", ".join(missing)} {"has" if len(missing) == 1 else "have"} none yet; add runs.' if missing else
            'their frontiers cover compute ranges that do not overlap; add budgets that make them overlap.')
     lines.append(f'ConvNets vs ViTs: the answer needs a fitted frontier of both families ({CONVNET} and {VIT}); {why}')
+  for family, fit in study.ft_fits.items():
+    n = len({r.compute for r in study.ft_frontiers[family]})
+    if isinstance(fit, str):
+      lines.append(f'{family}: the power law of the finetuned top-1 error needs {k} or more finetuned runs of '
+                   f'distinct pretraining compute on its frontier, it has {n}; finetune more runs (more epoch '
+                   "budgets or models, or FINETUNE_SELECT='all').")
+    elif fit.b_ci is None:
+      lines.append(f'{family}: the power law of the finetuned top-1 error has no {study.confidence:.0%} intervals: '
+                   f'its {fit.n} frontier runs fit it exactly, {k + 1} or more give intervals; finetune more runs.')
+  if study.ft_fits and study.ft_comparison is None:
+    missing = [f for f in (CONVNET, VIT) if not isinstance(study.ft_fits.get(f), PowerLawFit)]
+    why = (f'{", ".join(missing)} {"has" if len(missing) == 1 else "have"} none yet; finetune more runs.' if missing
+           else 'their frontiers cover pretraining compute ranges that do not overlap; add budgets that overlap.')
+    lines.append(f'ConvNets vs ViTs finetuned: the answer needs a fitted finetuned frontier of both families; {why}')
   return lines
 
 
@@ -372,29 +465,46 @@ def _ci(value: float, ci, fmt: str = '.4g') -> str:
   return f'{value:{fmt}}' + (f' [{ci[0]:{fmt}}, {ci[1]:{fmt}}]' if ci else '')
 
 
-def markdown(study: Study, compute_label: str, notes: Sequence[str] = ()) -> str:
-  """The report: every run, the per-family fits, the compute-optimal allocation and the ConvNet-ViT answer."""
-  pct = f'{study.confidence:.0%}'
-  lines = ['# Compute-budget study', '',
-           f'{len(study.runs)} finished runs; compute: {compute_label}; loss: final held-out `eval/loss`. '
-           'Frontier: no other run of the family has compute <= and a lower loss.', '']
-  if notes:
-    lines += [f'- {n}' for n in notes] + ['']
-  lines += ['## Runs', '', '| family | model | params | epochs | lr | compute | loss | frontier |',
-            '|---|---|---:|---:|---:|---:|---:|:---:|']
-  for r in study.runs:
-    mark = '*' if study.on_frontier(r) else ''
-    lines.append(f'| {r.family} | {r.model} | {_count(r.params)} | {r.epochs:.4g} | {r.learning_rate:.3g} | '
-                 f'{r.compute:.4g} | {r.loss:.4f} | {mark} |')
-
-  lines += ['', f'## Power laws through each family\'s frontier ({pct} CIs)', '',
-            '| family | frontier runs | a | b | E | r² (log) |', '|---|---:|---|---|---|---:|']
-  for family, fit in study.fits.items():
+def _fit_table(fits: dict, frontiers: dict) -> list[str]:
+  lines = ['| family | frontier runs | a | b | E | r² (log) |', '|---|---:|---|---|---|---:|']
+  for family, fit in fits.items():
     if isinstance(fit, str):
-      lines.append(f'| {family} | {len(study.frontiers[family])} | {fit} | | | |')
+      lines.append(f'| {family} | {len(frontiers[family])} | {fit} | | | |')
       continue
     e = _ci(fit.E, fit.E_ci) if fit.irreducible else '-'
     lines.append(f'| {family} | {fit.n} | {_ci(fit.a, fit.a_ci)} | {_ci(fit.b, fit.b_ci)} | {e} | {fit.r2:.4f} |')
+  return lines
+
+
+def _number(value: float | None, fmt: str = '.4g') -> str:
+  return '-' if value is None else f'{value:{fmt}}'
+
+
+def markdown(study: Study, compute_label: str, notes: Sequence[str] = (),
+             loss_label: str = 'final held-out `eval/loss`', scope: str | None = None) -> str:
+  """The report: every run, the per-family fits, the compute-optimal allocation, the finetuned top-1 against
+  pretraining compute, the measured compute and utilisation, and the ConvNet-ViT answer in both terms; `scope`
+  (the sweep config's STUDY_SCOPE), what runs of this size can and cannot show, closes it."""
+  pct = f'{study.confidence:.0%}'
+  lines = ['# Compute-budget study', '',
+           f'{len(study.runs)} finished pretraining runs; compute: {compute_label}; loss: {loss_label}. Chosen: '
+           'the learning rate of lowest selection loss per (model, epochs); the frontier and fits use the chosen '
+           'runs only. Frontier: no other chosen run of the family has compute <= and a lower loss.', '']
+  if notes:
+    lines += [f'- {n}' for n in notes] + ['']
+  lines += ['## Runs', '',
+            '| family | model | params | epochs | lr | compute | select loss | loss | chosen | frontier | ft top-1 |',
+            '|---|---|---:|---:|---:|---:|---:|---:|:---:|:---:|---:|']
+  chosen = set(map(id, best_per_budget(study.runs)))
+  for r in study.runs:
+    mark = '*' if study.on_frontier(r) else ''
+    top1 = '-' if r.top1 is None else f'{100 * r.top1:.2f}%'
+    lines.append(f'| {r.family} | {r.model} | {_count(r.params)} | {r.epochs:.4g} | {r.learning_rate:.3g} | '
+                 f'{r.compute:.4g} | {r.selection:.4f} | {r.loss:.4f} | {"✓" if id(r) in chosen else ""} | {mark} | '
+                 f'{top1} |')
+
+  lines += ['', f'## Power laws through each family\'s frontier ({pct} CIs)', '']
+  lines += _fit_table(study.fits, study.frontiers)
 
   lines += ['', '## Compute-optimal allocation', '',
             'Each model\'s loss is interpolated (log-log, between its runs) at each compute level; the lowest wins.',
@@ -414,8 +524,47 @@ def markdown(study: Study, compute_label: str, notes: Sequence[str] = ()) -> str
 
   if CONVNET in study.fits and VIT in study.fits:
     lines += ['', '## ConvNets vs ViTs at equal compute', '', _answer(study)]
+  lines += ['', '## Finetuned top-1 against pretraining compute', '']
+  finetuned = study.finetuned
+  if not finetuned:
+    lines.append('No pretraining run has a finished finetune run (RUN/finetune: a sweep config\'s finetune stage).')
+  else:
+    lines += [f'{len(finetuned)} pretraining runs with a finished finetune run; top-1 of each finetune run\'s report '
+              'evaluator; the power laws fit the top-1 error (1 - top-1) through each family\'s frontier of '
+              f'finetuned runs against pretraining compute ({pct} CIs).', '',
+              '| family | model | epochs | lr | pretraining compute | finetuned top-1 | frontier |',
+              '|---|---|---:|---:|---:|---:|:---:|']
+    for r in finetuned:
+      lines.append(f'| {r.family} | {r.model} | {r.epochs:.4g} | {r.learning_rate:.3g} | {r.compute:.4g} | '
+                   f'{100 * r.top1:.2f}% | {"*" if study.on_ft_frontier(r) else ""} |')
+    lines += [''] + _fit_table(study.ft_fits, study.ft_frontiers)
+    if CONVNET in study.ft_fits and VIT in study.ft_fits:
+      lines += ['', _answer_finetuned(study, compute_label)]
+  lines += ['', '## Compute: estimated and measured', '',
+            'Estimated: analytic training FLOPs at the budget\'s hardware and mfu; measured: devices x wall time as '
+            'logged (compute/core_hours); utilisation: as logged (compute/mfu, analytic FLOPs over measured '
+            'core-seconds x peak per core; on CPU the peak is a matmul measured at each start).', '',
+            '| family | runs | train FLOPs | est. core-h | measured core-h | median utilisation '
+            '| measured core-h / FLOP |',
+            '|---|---:|---:|---:|---:|---:|---:|']
+  for family, used in study.utilisation.items():
+    members = [r for r in study.runs if r.family == family]
+    estimated = [r.budget_core_hours for r in members if r.budget_core_hours is not None]
+    if used is None:
+      lines.append(f'| {family} | 0 | - | {_number(sum(estimated) if estimated else None)} | - | - | - |')
+      continue
+    total_estimate = _number(sum(estimated) if estimated else None)
+    lines.append(f'| {family} | {used.runs} | {used.train_flops:.4g} | {total_estimate} | {used.core_hours:.4g} | '
+                 f'{_number(used.median_mfu, ".3%")} | {used.core_hours_per_flop:.4g} |')
+  lines += ['', '| family | model | epochs | lr | train FLOPs | est. core-h | measured core-h | utilisation |',
+            '|---|---|---:|---:|---:|---:|---:|---:|']
+  for r in study.runs:
+    lines.append(f'| {r.family} | {r.model} | {r.epochs:.4g} | {r.learning_rate:.3g} | {_number(r.train_flops)} | '
+                 f'{_number(r.budget_core_hours)} | {_number(r.core_hours)} | {_number(r.mfu, ".3%")} |')
   if study.needs:
     lines += ['', '## Fits that need more runs', ''] + [f'- {n}' for n in study.needs]
+  if scope:
+    lines += ['', '## What these runs can and cannot show', '', scope.strip()]
   return '\n'.join(lines) + '\n'
 
 
@@ -442,31 +591,89 @@ def _answer(study: Study) -> str:
   return '**Answer:** ' + head + tail
 
 
+def _answer_finetuned(study: Study, compute_label: str) -> str:
+  """The paper's comparison: finetuned top-1 of each family's fit at equal pretraining compute."""
+  c = study.ft_comparison
+  if c is None:
+    if not all(isinstance(study.ft_fits[f], PowerLawFit) for f in (CONVNET, VIT)):
+      return '**Answer (finetuned):** none: both families need a fitted finetuned frontier (see the fits above).'
+    return ('**Answer (finetuned):** none: the two families\' finetuned frontiers cover pretraining compute '
+            'ranges that do not overlap.')
+  fits = {f: study.ft_fits[f] for f in (CONVNET, VIT)}
+  top1 = {f: 100 * (1 - float(fit.predict(c.compute))) for f, fit in fits.items()}
+  text = (f'**Answer (finetuned):** at equal pretraining compute C = {c.compute:.4g} ({compute_label}; the '
+          f'geometric mean of the overlap {c.overlap[0]:.4g}-{c.overlap[1]:.4g}), finetuned NFNet top-1 '
+          f'{top1[CONVNET]:.2f}% vs ViT {top1[VIT]:.2f}%')
+  if c.ratio_ci is None:
+    return text + (' (no intervals: a fit has too few frontier runs, so this is a point estimate only; the '
+                   f'NFNet\'s top-1 error is {c.ratio:.3f}x the ViT\'s).')
+  bands = {f: fit.band(c.compute) for f, fit in fits.items()}
+  ranges = {f: f'{100 * (1 - float(hi)):.2f}-{100 * (1 - float(lo)):.2f}%' for f, (lo, hi) in bands.items()}
+  text += (f' ({study.confidence:.0%} bands of the fits: NFNet {ranges[CONVNET]}, ViT {ranges[VIT]}; the NFNet\'s '
+           f'top-1 error is {c.ratio:.3f}x the ViT\'s, CI {c.ratio_ci[0]:.3f}-{c.ratio_ci[1]:.3f}): ')
+  return text + {'matches': 'the two match within the fits\' intervals; these runs cannot tell them apart here.',
+                 'convnet better': 'the NFNet is more accurate, outside the fits\' intervals.',
+                 'vit better': 'the ViT is more accurate, outside the fits\' intervals.'}[c.verdict]
+
+
 _COLORMAPS = {CONVNET: 'Blues', VIT: 'Oranges'}
 _SPARE_COLORMAPS = ('Greens', 'Purples', 'Reds', 'Greys')
 
 
 def plot(study: Study, path: str, compute_label: str, title: str = 'Held-out loss vs training compute') -> None:
-  """Loss against compute on log-log axes: one line per model, shaded by size within its family's colour;
-  the frontier circled; each family's fitted power law dashed over its frontier's range."""
+  """Loss against compute on log-log axes: one line per model (its chosen runs), shaded by size within its
+  family's colour; the frontier circled; each family's fitted power law dashed over its frontier's range. With
+  finetuned runs, a second panel: finetuned top-1 error against pretraining compute, fits with their bands."""
   import matplotlib
   matplotlib.use('Agg')
   from matplotlib import pyplot as plt
 
-  fig, ax = plt.subplots(figsize=(8, 5.6), dpi=125)
+  panels = 2 if study.finetuned else 1
+  fig, axes = plt.subplots(1, panels, figsize=(8 * panels, 5.6), dpi=125, squeeze=False)
+  styles = _family_styles(study, matplotlib)
+  _loss_panel(axes[0][0], study, styles, compute_label, title)
+  if panels == 2:
+    _finetune_panel(axes[0][1], study, styles, compute_label)
+  fig.tight_layout()
+  fig.savefig(path)
+  plt.close(fig)
+
+
+def _family_styles(study: Study, matplotlib) -> dict[str, tuple]:
+  """family -> (colormap, marker)."""
   spare = iter(_SPARE_COLORMAPS * 10)
   markers = iter('o s ^ D v P X'.split() * 10)
+  return {family: (matplotlib.colormaps[_COLORMAPS.get(family) or next(spare)], next(markers))
+          for family in sorted({r.family for r in study.runs})}
+
+
+def _model_colors(study: Study, family: str, cmap) -> dict[str, tuple]:
+  models = sorted({(r.params, r.model) for r in study.runs if r.family == family})
+  return {model: cmap(0.45 + 0.5 * i / max(len(models) - 1, 1)) for i, (_, model) in enumerate(models)}
+
+
+def _log_axes(ax, compute_label: str, ylabel: str, title: str, matplotlib) -> None:
+  ax.set_xscale('log')
+  ax.set_yscale('log')
+  plain = matplotlib.ticker.FuncFormatter(lambda v, _: f'{v:g}')  # The values span less than a decade.
+  ax.yaxis.set_major_formatter(plain)
+  ax.yaxis.set_minor_formatter(plain)
+  ax.set_xlabel(compute_label)
+  ax.set_ylabel(ylabel)
+  ax.set_title(title)
+  ax.grid(True, which='both', alpha=0.25)
+  ax.legend(fontsize=7, ncol=2)
+
+
+def _loss_panel(ax, study: Study, styles, compute_label: str, title: str) -> None:
+  import matplotlib
   best = set(map(id, best_per_budget(study.runs)))
-  for family in sorted({r.family for r in study.runs}):
-    cmap = matplotlib.colormaps[_COLORMAPS.get(family) or next(spare)]
-    marker = next(markers)
-    models = sorted({(r.params, r.model) for r in study.runs if r.family == family})
-    for i, (params, model) in enumerate(models):
-      color = cmap(0.45 + 0.5 * i / max(len(models) - 1, 1))
+  for family, (cmap, marker) in styles.items():
+    for model, color in _model_colors(study, family, cmap).items():
       runs = [r for r in study.runs if r.family == family and r.model == model]
       line = sorted((r for r in runs if id(r) in best), key=lambda r: r.compute)
       ax.plot([r.compute for r in line], [r.loss for r in line], marker=marker, color=color, lw=1.5, ms=6,
-              label=f'{family} {model} ({_count(params)})')
+              label=f'{family} {model} ({_count(runs[0].params)})')
       others = [r for r in runs if id(r) not in best]  # Learning rates that lost their epoch budget's sweep.
       if others:
         ax.scatter([r.compute for r in others], [r.loss for r in others], marker=marker, color=color, alpha=0.3, s=16)
@@ -478,16 +685,26 @@ def plot(study: Study, path: str, compute_label: str, title: str = 'Held-out los
   front = [r for f in study.frontiers.values() for r in f]
   ax.scatter([r.compute for r in front], [r.loss for r in front], s=140, facecolors='none', edgecolors='black',
              linewidths=1.4, zorder=5, label='compute-efficient frontier')
-  ax.set_xscale('log')
-  ax.set_yscale('log')
-  plain = matplotlib.ticker.FuncFormatter(lambda v, _: f'{v:g}')  # Losses span less than a decade.
-  ax.yaxis.set_major_formatter(plain)
-  ax.yaxis.set_minor_formatter(plain)
-  ax.set_xlabel(compute_label)
-  ax.set_ylabel('held-out loss')
-  ax.set_title(title)
-  ax.grid(True, which='both', alpha=0.25)
-  ax.legend(fontsize=7, ncol=2)
-  fig.tight_layout()
-  fig.savefig(path)
-  plt.close(fig)
+  _log_axes(ax, compute_label, 'held-out loss', title, matplotlib)
+
+
+def _finetune_panel(ax, study: Study, styles, compute_label: str) -> None:
+  import matplotlib
+  for family, (cmap, marker) in styles.items():
+    for model, color in _model_colors(study, family, cmap).items():
+      line = sorted((r for r in study.finetuned if r.family == family and r.model == model), key=lambda r: r.compute)
+      if line:
+        ax.plot([r.compute for r in line], [r.top1_error for r in line], marker=marker, color=color, lw=1.5, ms=6,
+                label=f'{family} {model}')
+    fit, front = study.ft_fits.get(family), study.ft_frontiers.get(family)
+    if isinstance(fit, PowerLawFit):
+      grid = np.geomspace(front[0].compute, front[-1].compute, 100)
+      ax.plot(grid, fit.predict(grid), ls='--', lw=2, color=cmap(0.95), label=f'{family} fit: err = {fit.formula()}')
+      if fit.cov is not None:
+        ax.fill_between(grid, *fit.band(grid), color=cmap(0.6), alpha=0.2, lw=0,
+                        label=f'{family} {study.confidence:.0%} band')
+  front = [r for f in study.ft_frontiers.values() for r in f]
+  ax.scatter([r.compute for r in front], [r.top1_error for r in front], s=140, facecolors='none',
+             edgecolors='black', linewidths=1.4, zorder=5, label='frontier')
+  _log_axes(ax, f'pretraining {compute_label}', 'finetuned top-1 error (1 - top-1)',
+            'Finetuned top-1 error vs pretraining compute', matplotlib)

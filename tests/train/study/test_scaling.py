@@ -190,8 +190,8 @@ def test_cli_end_to_end(tmp_path):
   rows = {}
   for line in report.split('## Runs')[1].split('\n## ')[0].splitlines():
     cells = [c.strip() for c in line.strip().strip('|').split('|')]
-    if len(cells) == 8 and cells[0] in MODELS:
-      rows[(cells[0], cells[1], float(cells[3]))] = (float(cells[5]), float(cells[6]), cells[7] == '*')
+    if len(cells) == 11 and cells[0] in MODELS:
+      rows[(cells[0], cells[1], float(cells[3]))] = (float(cells[5]), float(cells[7]), cells[9] == '*')
   assert rows.keys() == expected.keys()
   for family in MODELS:  # The frontier by brute force: nothing of the family at <= compute with lower loss.
     members = {k: v for k, v in expected.items() if k[0] == family}
@@ -237,9 +237,9 @@ def test_study_figure_in_tensorboard_holds_the_reports_numbers(tmp_path):
   rows = {}
   for line in report.split('## Runs')[1].split('\n## ')[0].splitlines():
     cells = [c.strip() for c in line.strip().strip('|').split('|')]
-    if len(cells) == 8 and cells[0] in MODELS:
-      rows.setdefault((cells[0], cells[1], float(cells[3])), []).append((float(cells[5]), float(cells[6]),
-                                                                         cells[7] == '*'))
+    if len(cells) == 11 and cells[0] in MODELS:
+      rows.setdefault((cells[0], cells[1], float(cells[3])), []).append((float(cells[5]), float(cells[7]),
+                                                                         cells[9] == '*'))
   assert len(rows[('vit', 'S', 4.0)]) == 2 and sum(map(len, rows.values())) == 19
 
   for rerun in (False, True):  # A second analysis replaces the figure rather than adding to it.
@@ -362,3 +362,87 @@ def test_cli_error_is_one_line_with_exit_status_2(tmp_path):
                        cwd=REPO, capture_output=True, text=True, timeout=120)
   assert out.returncode == 2
   assert out.stderr.startswith('error: no workdirs matched') and out.stderr.count('\n') == 1
+
+
+def _write_finetune(pretrain_dir, top1, key='eval/test/accuracy', study=None, last_step=50):
+  finetune = os.path.join(pretrain_dir, 'finetune')
+  os.makedirs(finetune)
+  with open(os.path.join(finetune, 'config.json'), 'w') as f:
+    json.dump({'total_steps': 50, **({'study': study} if study else {})}, f)
+  with open(os.path.join(finetune, 'metrics.jsonl'), 'w') as f:
+    f.write(json.dumps({'step': last_step, 'eval/test/loss': 1.0, key: top1, 'eval/accuracy': 0.01}) + '\n')
+
+
+def test_finetuned_top1_fit_answer_utilisation_and_tensorboard(tmp_path):
+  """Finetuned top-1 error exactly 3 x C^-0.1 (NFNets) and 1.05 x that (ViTs): the fits recover it, the answer
+  quotes the top-1 of each law at the overlap's geometric mean; the utilisation table is the logged numbers'."""
+  root = str(tmp_path / 'study')
+  mfus = {'nfnet': 0.5, 'vit': 0.25}
+  for family, models in MODELS.items():
+    for model, params in models.items():
+      for epochs in EPOCHS:
+        workdir = _write_run(root, family, model, int(params), epochs, 0.1, _law(params, epochs))
+        with open(os.path.join(workdir, 'metrics.jsonl'), 'a') as f:  # The loop's final compute/mfu.
+          f.write(json.dumps({'step': 200, 'eval/loss': _law(params, epochs), 'compute/mfu': mfus[family],
+                              'compute/train_flops': _flops(params, epochs), 'compute/core_hours': 2.0}) + '\n')
+        if model != 'L' or epochs != 16.0:  # One finetune still running: a note, and left out of the fit.
+          error = (1.0 if family == 'nfnet' else 1.05) * 3 * _flops(params, epochs) ** -0.1
+          _write_finetune(workdir, 1 - error)
+        else:
+          _write_finetune(workdir, 0.5, last_step=20)
+  report = analyze.write_report([f'{root}/*'], str(tmp_path / 'out'))
+  section = report.split('## Finetuned top-1 against pretraining compute')[1].split('\n## ')[0]
+  assert 'finetune incomplete, left out: ' in report and 'vit_L_16ep/finetune (at step 20/50)' in report
+  # The law by itself, not the code: error(C) = 3 C^-0.1, fitted through 9 (nfnet) and 8 (vit) exact points.
+  assert '| nfnet | 9 | 3 [3, 3] | -0.1 [-0.1, -0.1] |' in section
+  nfnet_c = [_flops(p, e) for p in MODELS['nfnet'].values() for e in EPOCHS]
+  vit_c = [_flops(p, e) for p in MODELS['vit'].values() for e in EPOCHS if (p, e) != (32e6, 16.0)]
+  at = np.sqrt(max(min(nfnet_c), min(vit_c)) * min(max(nfnet_c), max(vit_c)))
+  nfnet_top1, vit_top1 = 100 * (1 - 3 * at ** -0.1), 100 * (1 - 1.05 * 3 * at ** -0.1)
+  answer = next(l for l in section.splitlines() if l.startswith('**Answer (finetuned):**'))
+  assert f'C = {at:.4g}' in answer and f'NFNet top-1 {nfnet_top1:.2f}% vs ViT {vit_top1:.2f}%' in answer
+  assert f"error is {1 / 1.05:.3f}x the ViT's" in answer and answer.endswith('outside the fits\' intervals.')
+  rows = {l.split('|')[1].strip(): l for l in report.split('## Compute: estimated and measured')[1].splitlines()
+          if l.startswith('| nfnet | 9 |') or l.startswith('| vit | 9 |')}
+  for family, mfu in mfus.items():
+    flops = sum(_flops(p, e) for p in MODELS[family].values() for e in EPOCHS)
+    estimate = flops / (137.5e12 * 0.4) / 3600  # The budget's tpu_v4 at mfu 0.4.
+    cells = [c.strip() for c in rows[family].strip('|').split('|')]
+    assert cells[2:] == [f'{flops:.4g}', f'{estimate:.4g}', f'{9 * 2.0:.4g}', f'{mfu:.3%}',
+                         f'{18.0 / flops:.4g}'], cells
+  scalars, _ = _tensorboard(os.path.join(tmp_path, 'out', 'tensorboard', 'study'))
+  points = scalars[('frontier', 'study/nfnet/finetune_top1_error_vs_log10_train_flops')]
+  # Models of 4x the parameters at 1/4 of the epochs share a compute, so one point per distinct compute.
+  np.testing.assert_allclose([v for _, v in points], [3 * c ** -0.1 for c in sorted(set(nfnet_c))], rtol=1e-6)
+  with Image.open(os.path.join(tmp_path, 'out', 'study.png')) as image:
+    assert image.size == (2000, 700)  # Two panels: the loss, and the finetuned top-1 error.
+
+
+def test_finetune_top1_comes_from_the_report_evaluator(tmp_path):
+  for name, study, key in (('named', {'report_eval': 'real'}, 'eval/real/accuracy'), ('test', None,
+                                                                                       'eval/test/accuracy')):
+    workdir = _write_run(str(tmp_path / name), 'vit', 'S', 1000, 1.0, 0.1, 2.0)
+    _write_finetune(workdir, 0.75, key, study)
+    assert analyze.read_finetune(workdir) == 0.75
+  workdir = _write_run(str(tmp_path / 'plain'), 'vit', 'S', 1000, 1.0, 0.1, 2.0)
+  assert analyze.read_finetune(workdir) is None  # Not finetuned.
+  _write_finetune(workdir, 0.75, 'eval/other/accuracy')
+  assert analyze.read_finetune(workdir) == 0.01  # No `test` evaluator: eval/accuracy.
+
+
+def test_learning_rate_is_chosen_on_the_selection_loss(tmp_path):
+  """select_eval chooses the run (and so the frontier); report_eval is what the table and fits report."""
+  root = tmp_path / 'lr'
+  for lr, minival, test in ((0.1, 2.0, 1.5), (0.2, 1.8, 1.9)):
+    workdir = _write_run(str(root / str(lr)), 'vit', 'S', 1000, 1.0, lr, test)
+    with open(os.path.join(workdir, 'config.json')) as f:
+      config = json.load(f)
+    config['study'].update(select_eval='minival', report_eval='test')
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      json.dump(config, f)
+    with open(os.path.join(workdir, 'metrics.jsonl'), 'a') as f:
+      f.write(json.dumps({'step': 200, 'eval/minival/loss': minival, 'eval/test/loss': test}) + '\n')
+  runs, _ = analyze.load_runs([str(root / '*' / '*')])
+  assert [(r.learning_rate, r.selection, r.loss) for r in scaling.best_per_budget(runs)] == [(0.2, 1.8, 1.9)]
+  study = scaling.analyze(runs)
+  assert [r.learning_rate for r in study.frontiers['vit']] == [0.2]  # Not the lower test loss of lr 0.1.
