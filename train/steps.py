@@ -100,7 +100,8 @@ def _program_key(config, mesh, rules, model, objective, adapter, example, frozen
   fields = {k: v for k, v in config.to_dict().items() if k not in RUN_ONLY_FIELDS}
 
   def described(obj):
-    return f'{type(obj).__module__}.{type(obj).__qualname__}{sorted(vars(obj).items()) if hasattr(obj, "__dict__") else ""}'
+    fields = sorted(vars(obj).items()) if hasattr(obj, '__dict__') else ''
+    return f'{type(obj).__module__}.{type(obj).__qualname__}{fields}'
 
   return json.dumps({
       'config': fields, 'mesh': [list(mesh.axis_names), list(mesh.devices.shape), [d.id for d in mesh.devices.flat]],

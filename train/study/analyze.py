@@ -34,6 +34,7 @@ from train import cli
 from train import compute as compute_lib
 from train import metrics as metrics_lib
 from train import paths as paths_lib
+from train.study import report as report_lib
 from train.study import scaling
 
 FLAGS = flags.FLAGS
@@ -168,8 +169,8 @@ def _measured(records, config, workdir: str, peak_flops) -> dict[str, float | No
   if flops is not None:
     try:
       estimate = flops / (_device_flops(config, workdir, peak_flops) * 3600.0)
-    except StudyError:
-      pass  # Shown as '-': the report still holds what was measured.
+    except StudyError:  # No known peak: shown as '-', the report still holds what was measured.
+      estimate = None
   return {'train_flops': flops, 'core_hours': hours, 'mfu': mfu, 'budget_core_hours': estimate}
 
 
@@ -337,11 +338,11 @@ def write_report(patterns, out: str, compute: str = 'flops', irreducible: bool =
   runs, notes = load_runs(patterns, compute, peak_flops)
   study = scaling.analyze(runs, irreducible=irreducible, confidence=confidence, num_levels=num_levels)
   label = compute_label(compute, [r.workdir for r in runs])
-  report = scaling.markdown(study, label, notes, loss_label([r.workdir for r in runs]), scope)
+  report = report_lib.markdown(study, label, notes, loss_label([r.workdir for r in runs]), scope)
   epath.Path(out).mkdir(parents=True, exist_ok=True)
   epath.Path(out, 'study.md').write_text(report)
   with epath.Path(out, 'study.png').open('wb') as f:  # A file object: matplotlib cannot open gs:// paths itself.
-    scaling.plot(study, f, label)
+    report_lib.plot(study, f, label)
   write_tensorboard(study, out, compute, label, report)
   return report
 
