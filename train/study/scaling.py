@@ -452,3 +452,11 @@ def needs_more_runs(study: Study, irreducible: bool = False) -> list[str]:
            else 'their frontiers cover pretraining compute ranges that do not overlap; add budgets that overlap.')
     lines.append(f'ConvNets vs ViTs finetuned: the answer needs a fitted finetuned frontier of both families; {why}')
   return lines
+
+
+def __getattr__(name):
+  """`markdown` and `plot` moved to train/study/report.py; still importable from here."""
+  if name in ('markdown', 'plot'):
+    from train.study import report  # pylint: disable=g-import-not-at-top  (report imports this module)
+    return getattr(report, name)
+  raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
