@@ -5,12 +5,13 @@ import os
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core import constants, file_adapters
 
+from . import chat_data
 from . import digits
 from . import text
 from . import textures
 
 # Offline builders of this package, prepared on first use.
-OWN_BUILDERS = (digits.Digits.name, text.LocalText.name, textures.Textures.name)
+OWN_BUILDERS = (chat_data.Chat.name, digits.Digits.name, text.LocalText.name, textures.Textures.name)
 
 
 def _where(data_dir) -> str:

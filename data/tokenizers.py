@@ -1,4 +1,5 @@
-"""Tokenizers with one interface: `encode(str) -> list[int]`, `decode(list[int]) -> str`, and the
+"""Tokenizers with one interface: `encode(str) -> list[int]`, `decode(list[int]) -> str`,
+`encode_with_offsets(str) -> (ids, [(start, end) byte ranges])` (what the chat templates weight by), and the
 attributes `vocab_size`, `bos_id`, `eos_id`, `pad_id`. `encode` adds no special tokens.
 
   get_tokenizer('bytes')            ByteTokenizer: no file. ids 0 = pad, 1 = bos, 2 = eos, and
@@ -25,6 +26,11 @@ class ByteTokenizer:
 
   def encode(self, text: str) -> list[int]:
     return [b + self.NUM_SPECIAL for b in text.encode('utf-8')]
+
+  def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+    """Ids and each id's [start, end) byte range in the UTF-8 text (one byte each)."""
+    ids = self.encode(text)
+    return ids, [(i, i + 1) for i in range(len(ids))]
 
   def decode(self, ids: Sequence[int]) -> str:
     """Drops special and out-of-range ids; invalid UTF-8 becomes U+FFFD."""
@@ -63,6 +69,11 @@ class SentencePieceTokenizer:
 
   def encode(self, text: str) -> list[int]:
     return list(self._sp.encode(text))
+
+  def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+    """Ids and each piece's [start, end) byte range in the UTF-8 text (the dummy-prefix piece is empty)."""
+    pieces = self._sp.encode(text, return_type='proto').pieces
+    return [int(p.id) for p in pieces], [(int(p.begin), int(p.end)) for p in pieces]
 
   def decode(self, ids: Sequence[int]) -> str:
     return self._sp.decode([int(i) for i in ids])

@@ -39,6 +39,7 @@ REMAT_POLICIES: dict[str, Any] = {
 }
 Params = dict[str, Any]
 Cache = dict[str, jax.Array]
+NOISE_LENGTHS = ('segment', 'padded')  # NEFTune's L: each segment's own length, or the padded row's
 
 
 # Every Mistral projection: `x @ kernel` without bias, kernel ~ truncated normal of variance 1 / fan_in.
@@ -249,6 +250,8 @@ class Model(nn.Module):
   in length for a fixed window, query blocks of `block_size`) or 'masked' (dense
   [t, t] reference); both give the same outputs. remat: 'none', 'full' or
   'save_proj' (keeps the q/k/v/out projections). scan stacks layers under 'layers'.
+  embed_noise_alpha > 0 turns on NEFTune (Jain et al. 2023) in training: uniform noise on the token
+  embeddings, alpha / sqrt(L * d) at most, L per `embed_noise_length` (see `_embed_noise`).
   """
   embed_dim: int
   num_layers: int
@@ -266,6 +269,8 @@ class Model(nn.Module):
   remat: str = 'none'
   attention_impl: str = 'blockwise'
   block_size: int = 128
+  embed_noise_alpha: float = 0.0
+  embed_noise_length: str = 'segment'
 
   def _check(self) -> None:
     if self.num_heads % self.num_kv_heads:
@@ -282,11 +287,35 @@ class Model(nn.Module):
       raise ValueError(f"remat must be 'none', 'full' or 'save_proj', got {self.remat!r}")
     if self.rope_theta is None or self.rope_theta <= 0:
       raise ValueError(f'rope_theta must be a positive number, got {self.rope_theta!r}')
+    if self.embed_noise_alpha < 0:
+      raise ValueError(f'embed_noise_alpha must be >= 0 (0 turns NEFTune off), got {self.embed_noise_alpha!r}')
+    if self.embed_noise_length not in NOISE_LENGTHS:
+      raise ValueError(f'embed_noise_length must be one of {NOISE_LENGTHS}, got {self.embed_noise_length!r}')
+
+  def _embed_noise(self, x: jax.Array, segment_ids: jax.Array) -> jax.Array:
+    """NEFTune's noise U(-1, 1) * alpha / sqrt(L * d) for embeddings x [b, t, d] (float32).
+
+    'segment' (the authors' form): L is the length of each token's own segment (its example, or its piece of
+    a packed document), and padding (segment 0) gets none. 'padded' (transformers' and TRL's hook): L is the
+    row length t, and every position gets noise, padding included.
+    """
+    b, t, d = x.shape
+    noise = jax.random.uniform(self.make_rng('dropout'), x.shape, jnp.float32, -1.0, 1.0)
+    if self.embed_noise_length == 'padded':
+      return noise * (self.embed_noise_alpha / (t * d) ** 0.5)
+    counts = jax.vmap(lambda s: jax.ops.segment_sum(jnp.ones_like(s), s, num_segments=t + 1))(segment_ids)
+    lengths = jnp.take_along_axis(counts, segment_ids, axis=1).astype(jnp.float32)
+    scale = jnp.where(segment_ids > 0, self.embed_noise_alpha / jnp.sqrt(jnp.maximum(lengths, 1.0) * d), 0.0)
+    return noise * scale[..., None]
 
   @nn.compact
   def __call__(self, tokens: jax.Array, segment_ids: jax.Array | None = None,
-               positions: jax.Array | None = None, cache: Cache | None = None) -> Any:
-    """Logits [b, t, vocab]; with `cache` (see `init_cache`), returns (logits, new cache)."""
+               positions: jax.Array | None = None, cache: Cache | None = None, train: bool = False) -> Any:
+    """Logits [b, t, vocab]; with `cache` (see `init_cache`), returns (logits, new cache).
+
+    train=True adds NEFTune's embedding noise when embed_noise_alpha > 0 (drawn from the 'dropout' rng);
+    evaluation and generation (train=False, the default) never do.
+    """
     self._check()
     if cache is not None and segment_ids is not None:
       raise ValueError('segment_ids are not supported with a KV cache')
@@ -300,6 +329,8 @@ class Model(nn.Module):
     init = common.boxed(nn.initializers.normal(EMBED_STD), ('vocab', 'embed'))
     embedding = self.param('embedding', init, (self.vocab_size, self.embed_dim))
     x = jnp.take(embedding, tokens, axis=0).astype(dtype)
+    if train and self.embed_noise_alpha:
+      x = (x.astype(jnp.float32) + self._embed_noise(x, segment_ids)).astype(dtype)
     x = nn.with_logical_constraint(x, RESIDUAL_AXES)
 
     attn_kwargs = dict(num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,

@@ -8,12 +8,20 @@ adapter is on. Chosen by `config.adapter.name` (absent: `none`):
   none     trainable = every parameter, base = {} (plain training).
   freeze   `params`: a regex over parameter names ('/'-joined paths, matched in full); matching parameters go
            to the base and get no gradient, no optimizer state and no EMA; the rest are trainable.
+  lora     low-rank factors on the kernels `params` matches (Mistral's seven projections by default); `rank`,
+           `alpha`, `dropout`, `rslora`; see train/lora.py.
+  qlora    lora over a base whose adapted kernels are stored in NF4 (train/nf4.py); rank 64, alpha 16, dropout 0.1.
 
 An adapter works on nested dicts of any leaves: real arrays, abstract shapes, shardings, or flax's
 logical-axis boxes, so the shardings of both halves follow from the model's own logical axes. A new
 adapter (LoRA: trainable A and B beside a base holding every kernel) implements `split` and `merge` and
 registers here; the loop and the step do not change. `split` may draw new trainable parameters from `rng`, but
 the base it returns must not depend on `rng`: it is rebuilt at every resume and by the run loader.
+
+Besides split and merge, an adapter has `wrap(model)` (the model the step applies, e.g. LoRA's, which creates and
+uses its factors), `export(trainable, base)` (plain model parameters, for the run loader and exports) and
+optionally `new_params`, a regex naming the parameters it adds (never read from config.init_params), and
+`describe(trainable, base)`, a start-up line.
 """
 from collections.abc import Mapping
 import re
@@ -23,6 +31,7 @@ import flax.linen as nn
 from flax import traverse_util
 
 from train import build
+from train import lora
 
 Params = Any
 
@@ -59,6 +68,12 @@ class NoAdapter:
     del base
     return trainable
 
+  def wrap(self, model):
+    return model
+
+  def export(self, trainable: Params, base: Params) -> Params:
+    return self.merge(trainable, base)
+
 
 class Freeze:
   """Parameters whose names match `params` stay as they start; the others train."""
@@ -87,8 +102,14 @@ class Freeze:
   def merge(self, trainable: Params, base: Params) -> Params:
     return _nest({**_flat(base), **_flat(trainable)})
 
+  def wrap(self, model):
+    return model
 
-ADAPTERS = {'none': NoAdapter, 'freeze': Freeze}
+  def export(self, trainable: Params, base: Params) -> Params:
+    return self.merge(trainable, base)
+
+
+ADAPTERS = {'none': NoAdapter, 'freeze': Freeze, 'lora': lora.Lora, 'qlora': lora.QLora}
 
 
 def make_adapter(adapter_config: Mapping[str, Any] | None):

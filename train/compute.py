@@ -100,7 +100,7 @@ def trainable_fraction(config, input_shape: tuple[int, ...]) -> float:
     return 1.0
   objective = objectives.make_objective(config.task)
   example = objective.example_input(objective.synthetic_batch(config, 1, tuple(input_shape)))
-  model = build.build_model(config)
+  model = adapter.wrap(build.build_model(config))
   boxed = jax.eval_shape(lambda: model.init({'params': jax.random.key(0)}, example)['params'])
   return adapters.trainable_fraction(adapter, boxed)
 
@@ -130,13 +130,15 @@ def measured_train_flops(lowered_step, config) -> float | None:
 
   The lowered (not yet partitioned) program is the whole global batch; a compiled one would count a
   single device's share. XLA counts the body of a loop once, so a scanned model (config.model.scan)
-  gives None rather than a figure short by a factor of its depth.
+  gives None rather than a figure short by a factor of its depth; SAM's loop of two passes is doubled.
   """
   if config.model.get('scan'):
     return None
   cost = lowered_step.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return float(cost['flops']) / config.batch_size
+  # SAM's two passes are one loop (train/steps.py), counted once: doubled, which also counts the optimizer's few
+  # elementwise FLOPs per parameter twice.
+  return float(cost['flops']) * gradient_passes(config) / config.batch_size
 
 
 def _flop(x: float) -> str:

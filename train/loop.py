@@ -293,6 +293,8 @@ def _train(config, workdir: str, devices, lock: workdir_lib.Lock) -> dict[str, A
       print(metrics_lib.startup_line(devices, mesh, adapters.num_elements(fns.abstract_params),
                                      adapters.num_elements(fns.abstract_state['trainable']), state, frozen),
             flush=True)
+      if hasattr(adapter, 'describe'):
+        print(adapter.describe(state['trainable'], frozen.get(state_lib.BASE, {})), flush=True)
     progress = metrics_lib.Progress(config.total_steps, step, config.batch_size,
                                     len(devices) * compute.CORES_PER_DEVICE.get(hardware, 1),
                                     core_hours_before=meta.get('core_hours', 0.0), enabled=process_index == 0)

@@ -122,7 +122,10 @@ class LanguageModel:
 
   The data gives `targets` (the token each position predicts) and `loss_mask`, the per-token loss weight: the
   packed-text pipeline sets it to 0 where a prediction would cross a document boundary or touch padding, a
-  chat pipeline to 0 on prompt tokens. The loss is the weighted mean over tokens (token-weighted).
+  chat pipeline to 0 on prompt tokens. The loss is the weighted mean over tokens (token-weighted): supervised
+  finetuning on chat data (data format 'chat') is this objective, its loss and eval loss and perplexity on the
+  assistant's replies only. The model is called as model.apply(variables, tokens, segment_ids=, positions=,
+  train=), train=True in training only (Mistral's NEFTune noise keys on it).
   """
   frozen_needs: tuple[str, ...] = ()
   unit = 'tokens'
@@ -131,9 +134,10 @@ class LanguageModel:
   def example_input(self, batch):
     return batch['tokens'][:1]
 
-  def _token_losses(self, model, params, batch, rng):
+  def _token_losses(self, model, params, batch, rng, train: bool):
     logits = model.apply({'params': params}, batch['tokens'], segment_ids=batch['segment_ids'],
-                         positions=batch['positions'], **({'rngs': {'dropout': rng}} if rng is not None else {}))
+                         positions=batch['positions'], train=train,
+                         **({'rngs': {'dropout': rng}} if rng is not None else {}))
     logits = logits.astype(jnp.float32)
     targets = batch['targets']
     weights = batch['loss_mask'].astype(jnp.float32)
@@ -144,8 +148,8 @@ class LanguageModel:
     return losses, correct, weights
 
   def loss(self, model, params, frozen, batch, rng, train: bool):
-    del frozen, train
-    losses, correct, weights = self._token_losses(model, params, batch, rng)
+    del frozen
+    losses, correct, weights = self._token_losses(model, params, batch, rng, train)
     return (losses * weights).sum(), {'weight': weights.sum(), 'correct': (correct * weights).sum()}
 
   def train_summary(self, sums):
@@ -154,7 +158,7 @@ class LanguageModel:
 
   def eval_sums(self, model, params, frozen, batch):
     del frozen
-    losses, correct, weights = self._token_losses(model, params, batch, None)
+    losses, correct, weights = self._token_losses(model, params, batch, None, train=False)
     real = batch['segment_ids'] != 0
     if 'mask' in batch:
       real = real & batch['mask'][:, None]

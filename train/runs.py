@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
 
-from train import adapters, build, checkpoint, paths
+from train import adapters, build, checkpoint, paths, steps
 from train import state as state_lib
 
 
@@ -94,19 +94,30 @@ def _restore_workdir(path: str, key: str, target, step: int):
   return restored['state'][key], restored['meta']
 
 
+def restore_trainable(path: str, step: int | None = None) -> tuple[ml_collections.ConfigDict, dict]:
+  """(config, the evaluated trainable parameters as stored) of a workdir: with an adapter, only its own part
+  (LoRA's factors), on the first device."""
+  path = paths.absolute(path)
+  config = read_config(path)
+  step = latest_step(path, step)
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  target = _nest({n: jax.ShapeDtypeStruct(s, jnp.float32, sharding=device)
+                  for n, s in stored_param_shapes(path, step).items()})
+  return config, _restore_workdir(path, state_lib.evaluated_key(config), target, step)[0]
+
+
 def _seeded_init(config, example, target):
-  """(fn: rng -> the seeded parameters of a run with `config`, in `target`'s shardings; the run's init key)."""
+  """(fn: rng -> the seeded parameters of a run with `config`, not jitted; the run's init key)."""
+  del target
   model = build.build_model(config)
   init_key, _ = jax.random.split(jax.random.key(config.seed))
-  shardings = jax.tree.map(lambda t: t.sharding, target)
-  init = lambda rng: nn.unbox(model.init({'params': rng, 'dropout': rng}, example)['params'])
-  return jax.jit(init, out_shardings=shardings), init_key
+  return (lambda rng: nn.unbox(model.init({'params': rng, 'dropout': rng}, example)['params'])), init_key
 
 
 def seeded_params(config, example, target):
   """The parameters a run with `config` starts from when it has no init_params: its model's seeded init."""
   init, init_key = _seeded_init(config, example, target)
-  return init(init_key)
+  return steps.jit_once(init, out_shardings=jax.tree.map(lambda t: t.sharding, target))(init_key)
 
 
 def restore_params(path: str, target, *, step: int | None = None):
@@ -120,9 +131,18 @@ def restore_params(path: str, target, *, step: int | None = None):
   config = read_config(path)
   step = latest_step(path, step)
   adapter = adapters.make_adapter(config.get('adapter'))
-  trainable_target, base_target = adapter.split(target, jax.random.key(0))
   key = state_lib.evaluated_key(config)
-  check_shapes(stored_param_shapes(path, step), trainable_target, f'{path} step {step}')
+  stored = stored_param_shapes(path, step)
+  if getattr(adapter, 'new_params', None):
+    # The adapter's own parameters (LoRA's factors) are the checkpoint's trainable ones; `target` is the plain
+    # model's, which the adapter's export returns.
+    some = next(iter(_flat_leaves(target).values()))
+    trainable_target = _nest({n: jax.ShapeDtypeStruct(s, some.dtype, sharding=_replicated(some.sharding))
+                              for n, s in stored.items()})
+    base_target = target
+  else:
+    trainable_target, base_target = adapter.split(target, jax.random.key(0))
+  check_shapes(stored, trainable_target, f'{path} step {step}')
   trainable, meta = _restore_workdir(path, key, trainable_target, step)
   if not base_target:
     return trainable
@@ -133,8 +153,10 @@ def restore_params(path: str, target, *, step: int | None = None):
                      'retrain it with this version.')
   example = jnp.zeros(spec['shape'], spec['dtype']) if spec else None
   initial = initial_params(config, target, *_seeded_init(config, example, target))
+  if getattr(adapter, 'new_params', None):
+    initial = _nest({**_flat_leaves(initial), **_flat_leaves(trainable)})
   _, base = adapter.split(initial, jax.random.key(0))
-  return adapter.merge(trainable, base)
+  return adapter.export(trainable, base)
 
 
 # config.init_params_posemb when unset: big_vision's way (see models/vit.py resample_grid).
@@ -211,7 +233,9 @@ def load_params(config, path: str, target) -> dict:
   path = paths.absolute(path)
   exclude = exclusion_pattern(config)
   source_config = read_config(path)
-  ours = checkpoint.flat_shapes(target)
+  # What the run's adapter adds to the model (LoRA's factors) is never in the source: it starts from the seed.
+  added = getattr(adapters.make_adapter(config.get('adapter')), 'new_params', None)
+  ours = {n: s for n, s in checkpoint.flat_shapes(target).items() if not (added and re.fullmatch(added, n))}
   theirs = _source_shapes(path, source_config)
   excluded = {n for n in set(ours) | set(theirs) if exclude and exclude.fullmatch(n)}
   if exclude and not excluded:
@@ -223,7 +247,7 @@ def load_params(config, path: str, target) -> dict:
   if difference:
     raise ValueError(f'{where}: parameter {difference}; make config.model match the source, or set '
                      '--config.init_params_exclude to a regex matching it to initialise it afresh.')
-  flat_target = {n: leaf for n, leaf in _flat_leaves(target).items() if n not in excluded}
+  flat_target = {n: leaf for n, leaf in _flat_leaves(target).items() if n not in excluded and n in ours}
   hook = getattr(build.model_module(config), 'adapt_param', None)
   method = config.get('init_params_posemb') or DEFAULT_POSEMB_RESAMPLING
   fits = {}  # name -> fn(value at the source's shape) -> value at ours
@@ -284,12 +308,13 @@ def _nest(flat) -> dict:
 
 def initial_params(config, target, init_fn, init_key):
   """The whole model's parameters a run with `config` starts from, in `target`'s shardings: the seeded init
-  `init_fn(init_key)`, or config.init_params (see `load_params`) with the excluded parameters taken from that
-  seeded init (only they are computed: the rest of the init is dead code to XLA)."""
+  `init_fn(init_key)` (`init_fn` not jitted: compiled here, see steps.jit_once), or config.init_params (see
+  `load_params`) with the excluded parameters taken from that seeded init (only they are computed: the rest of
+  the init is dead code to XLA)."""
   path = config.get('init_params')
   if not path:
     exclusion_pattern(config)  # init_params_exclude alone is a mistake.
-    return init_fn(init_key)
+    return steps.jit_once(init_fn, out_shardings=jax.tree.map(lambda t: t.sharding, target))(init_key)
   check_same_kind(config, path)
   loaded = _flat_leaves(load_params(config, path, target))
   flat_target = _flat_leaves(target)
@@ -297,5 +322,5 @@ def initial_params(config, target, init_fn, init_key):
   if fresh_names:
     shardings = {n: flat_target[n].sharding for n in fresh_names}
     pick = lambda rng: {n: leaf for n, leaf in _flat_leaves(init_fn(rng)).items() if n in shardings}
-    loaded.update(jax.jit(pick, out_shardings=shardings)(init_key))
+    loaded.update(steps.jit_once(pick, out_shardings=shardings)(init_key))
   return _nest(loaded)

@@ -8,7 +8,7 @@ One step: merge the adapter's trainable and frozen halves, the objective's summe
 (`config.microbatches`, a scan; gradients and sums added up), divide by the summed weight, one optax update of
 the trainable parameters, EMA. Nothing here depends on which model, objective or adapter runs.
 
-SAM (`config.optimizer.sam_rho` > 0; Foret et al. 2020, `sam_gradient`) is an option of that one step: the
+SAM (`config.optimizer.sam_rho` > 0; Foret et al. 2020, `sam_loss_and_grads`) is an option of that one step: the
 gradient g at w over the whole batch gives the ascent point w + rho g / ||g||_2, and the gradient there (same
 batch, same micro-batches, same dropout rng) is what the optimizer's update from w receives, so clipping, AGC
 and weight decay act on it as on a plain gradient. The ascent is the plain global form: ||g|| and the ascent
@@ -37,7 +37,7 @@ from train import state as state_lib
 class Steps:
   init: Callable[[jax.Array], tuple[Any, Any]]  # rng -> (state, frozen base) of the seeded parameters: a fresh run
   start: Callable[[Any], tuple[Any, Any]]     # params -> (state, frozen base): a fresh run from given parameters
-  init_params: Callable[[jax.Array], Any]     # rng -> the model's seeded parameters, sharded
+  init_params: Callable[[jax.Array], Any]     # rng -> the model's seeded parameters (not jitted: see runs)
   split: Callable[[Any], tuple[Any, Any]]     # params -> (trainable, frozen base), sharded
   train: Callable[[Any, Any, Any, Any], tuple[Any, Any]]  # (state, frozen, batch, lr) -> (state, metrics); donates state
   eval: Callable[[Any, Any, Any], Any]        # (trainable, frozen, global batch) -> replicated sums
@@ -56,6 +56,20 @@ class Steps:
   compiled: dict = dataclasses.field(default_factory=dict, compare=False)
 
 
+# XLA options for programs that run once per run (parameter init, the adapter's split): on CPU, LLVM's
+# optimisation level 0. A seeded init is mostly the random draws of every parameter (threefry, unrolled), which
+# optimised take longer to compile than the train step (23 s against 19 s for the CPU study's smallest NFNet) and
+# unoptimised 7 s, to run in 18 ms instead of 12. Every program computing a seeded init uses them (`jit_once`),
+# so a frozen base rebuilt by the run loader equals the one the run trained with, bit for bit.
+ONCE_OPTIONS = {'xla_backend_optimization_level': 0}
+
+
+def jit_once(fn, **kwargs):
+  """jax.jit for a program run once per run (see ONCE_OPTIONS; other backends get their defaults)."""
+  options = ONCE_OPTIONS if jax.default_backend() == 'cpu' else None
+  return jax.jit(fn, compiler_options=options, **kwargs)
+
+
 def _unbox(boxed_abstract):
   """Strips the logical-axis boxes of abstract values (no sharding constraint on shapes)."""
   return jax.tree.map(lambda b: b.unbox(apply_constraint=False), boxed_abstract,
@@ -71,18 +85,31 @@ def split_microbatches(batch, microbatches: int):
   return jax.tree.map(split, batch)
 
 
-def sam_gradient(loss_and_grads, trainable, grads, rho: float):
-  """(loss, gradient) at the SAM ascent point w + rho g / ||g||_2 (Foret et al. 2020, eq. 2-3, p = 2), from the
-  gradient `grads` at w = `trainable`; `loss_and_grads(params) -> (loss, sums, grads)`.
+def ascent_point(trainable, grads, rho: float):
+  """The SAM ascent point w + rho g / ||g||_2 (Foret et al. 2020, eq. 2-3, p = 2) of w = `trainable`, g = `grads`.
 
   The norm is the global L2 norm over the whole trainable tree, in float32. No epsilon is added to it: a zero
   gradient leaves w where it is (the direction is undefined there, and an epsilon would only bias tiny norms).
   """
   norm = optax.tree.norm(jax.tree.map(lambda g: g.astype(jnp.float32), grads))
   scale = jnp.where(norm > 0, rho / jnp.where(norm > 0, norm, 1.0), 0.0)
-  ascent = jax.tree.map(lambda w, g: (w + scale * g.astype(jnp.float32)).astype(w.dtype), trainable, grads)
-  loss, _, ascent_grads = loss_and_grads(ascent)
-  return loss, ascent_grads
+  return jax.tree.map(lambda w, g: (w + scale * g.astype(jnp.float32)).astype(w.dtype), trainable, grads)
+
+
+def sam_loss_and_grads(loss_and_grads, trainable, rho: float):
+  """(loss, sums) at w and (loss, gradient) at the ascent point, `loss_and_grads(params) -> (loss, sums, grads)`.
+
+  The two passes are one loop of two iterations, each at `ascent_point(w, previous gradient)`: the first from a
+  zero gradient, i.e. at w itself. The forward and backward are then compiled once, not twice (XLA's compile
+  time of a step is mostly that pass: twice it would double the step's).
+  """
+  def one_pass(previous_grads, _):
+    loss, sums, grads = loss_and_grads(ascent_point(trainable, previous_grads, rho))
+    return grads, (loss, sums)
+
+  zeros = jax.tree.map(jnp.zeros_like, trainable)
+  ascent_grads, (losses, sums) = jax.lax.scan(one_pass, zeros, None, length=2)
+  return losses[0], jax.tree.map(lambda x: x[0], sums), losses[1], ascent_grads
 
 
 # Config fields the compiled programs never read: how long a run is and what it logs, evaluates, saves and reads.
@@ -134,6 +161,7 @@ def build(config, mesh, rules, model, objective, adapter, example, frozen_names=
 
 
 def _build_program(config, mesh, rules, model, objective, adapter, example, frozen_names) -> Steps:
+  model = adapter.wrap(model)  # Parameters an adapter adds to the model are created and applied there.
   init_key, step_key = jax.random.split(jax.random.key(config.seed))
   split_key = jax.random.fold_in(init_key, 1)
   use_ema = bool(config.optimizer.get('ema_decay'))
@@ -205,13 +233,14 @@ def _build_program(config, mesh, rules, model, objective, adapter, example, froz
 
   def train_step(state, frozen, batch, learning_rate):
     rng = jax.random.fold_in(step_key, state['step'])  # Per-step randomness from (seed, step): resumes draw the same.
-    loss, sums, grads = loss_and_grads(state['trainable'], frozen, batch, rng)
     extra = {}
     if sam_rho:
       # train/loss and the objective's metrics stay those at w; the loss at the ascent point is reported aside.
-      ascent_loss, grads = sam_gradient(lambda t: loss_and_grads(t, frozen, batch, rng), state['trainable'], grads,
-                                        sam_rho)
+      loss, sums, ascent_loss, grads = sam_loss_and_grads(lambda t: loss_and_grads(t, frozen, batch, rng),
+                                                          state['trainable'], sam_rho)
       extra = {'train/sam_ascent_loss': ascent_loss}
+    else:
+      loss, sums, grads = loss_and_grads(state['trainable'], frozen, batch, rng)
     updates, opt_state = tx_for(learning_rate).update(grads, state['opt_state'], state['trainable'])
     trainable = optax.apply_updates(state['trainable'], updates)
     # grad_norm is the norm of what the optimizer received (with SAM, the gradient at the ascent point).
@@ -229,11 +258,11 @@ def _build_program(config, mesh, rules, model, objective, adapter, example, froz
 
   # One compilation each for what a run needs at its start (the persistent cache keeps them).
   return Steps(
-      init=jax.jit(lambda rng: start(nn.unbox(boxed_params(rng))), out_shardings=(state_shardings, base_shardings)),
-      start=jax.jit(start, in_shardings=(param_shardings,), out_shardings=(state_shardings, base_shardings)),
-      init_params=jax.jit(lambda rng: nn.unbox(boxed_params(rng)), out_shardings=param_shardings),
-      split=jax.jit(lambda params: adapter.split(params, split_key), in_shardings=(param_shardings,),
-                    out_shardings=(trainable_shardings, base_shardings)),
+      init=jit_once(lambda rng: start(nn.unbox(boxed_params(rng))), out_shardings=(state_shardings, base_shardings)),
+      start=jit_once(start, in_shardings=(param_shardings,), out_shardings=(state_shardings, base_shardings)),
+      init_params=lambda rng: nn.unbox(boxed_params(rng)),
+      split=jit_once(lambda params: adapter.split(params, split_key), in_shardings=(param_shardings,),
+                     out_shardings=(trainable_shardings, base_shardings)),
       train=jax.jit(train_step, in_shardings=(state_shardings, frozen_shardings, batch_sharding, replicated),
                     out_shardings=(state_shardings, replicated), donate_argnums=0),
       eval=jax.jit(eval_step, in_shardings=(trainable_shardings, frozen_shardings, batch_sharding),

@@ -3,6 +3,7 @@
   examples     (the default, also for an absent or None `format`) one TFDS example per row,
                e.g. images and labels; see `formats.examples`
   packed_text  tokenized documents packed into rows of `seq_len`; see `formats.packed_text`
+  chat         conversations through a chat template, trained on the assistant's replies; see `formats.chat`
 
 `get_format(data_config)` looks the format up once and `data.pipeline` calls its methods. A new
 format subclasses `DataFormat` (in its own module) and is registered with `register(instance)`;
@@ -10,6 +11,7 @@ nothing else dispatches on the name.
 """
 from .base import COMMON_DEFAULTS
 from .base import DataFormat
+from .chat import Chat
 from .examples import Examples
 from .packed_text import PackedText
 
@@ -43,6 +45,7 @@ def get_format(data_config) -> DataFormat:
 
 register(Examples())
 register(PackedText())
+register(Chat())
 
-__all__ = ['COMMON_DEFAULTS', 'DEFAULT', 'DataFormat', 'Examples', 'FORMATS', 'PackedText',
+__all__ = ['COMMON_DEFAULTS', 'DEFAULT', 'Chat', 'DataFormat', 'Examples', 'FORMATS', 'PackedText',
            'get_format', 'register']

@@ -10,8 +10,9 @@ from data import pipeline
 from data.formats import base
 
 
-def test_registry_lists_both_formats_and_examples_is_the_default():
-  assert sorted(formats.FORMATS) == ['examples', 'packed_text']
+def test_registry_lists_the_formats_and_examples_is_the_default():
+  assert sorted(formats.FORMATS) == ['chat', 'examples', 'packed_text']
+  assert isinstance(formats.FORMATS['chat'], formats.Chat)
   assert isinstance(formats.FORMATS['examples'], formats.Examples)
   assert isinstance(formats.FORMATS['packed_text'], formats.PackedText)
   for cfg in ({}, {'format': None}, {'format': ''}, ml_collections.ConfigDict({'name': 'digits'})):
@@ -28,10 +29,10 @@ def test_registry_lists_both_formats_and_examples_is_the_default():
 ])
 def test_unknown_format_raises_one_line_naming_the_known_ones(call):
   with pytest.raises(ValueError) as e:
-    call({'format': 'chat', 'name': 'digits'})
+    call({'format': 'dialogue', 'name': 'digits'})
   msg = str(e.value)
   assert '\n' not in msg
-  assert "data.format='chat' is unknown; known formats: 'examples', 'packed_text'." == msg
+  assert "data.format='dialogue' is unknown; known formats: 'chat', 'examples', 'packed_text'." == msg
 
 
 def test_every_format_has_the_common_defaults_and_cfg_fills_them():

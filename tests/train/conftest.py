@@ -1,4 +1,9 @@
 """Fixtures shared by the tests of train/."""
+import os
+import signal
+import subprocess
+import time
+
 import pytest
 
 from configs import mistral_tiny, vit_digits
@@ -41,3 +46,55 @@ def tiny_mistral_config(tmp_path):
   c.data.update(files=str(corpus / '*.txt'), data_dir=str(tmp_path / 'tfds'), seq_len=32, num_threads=1, prefetch=1)
   c.batch_size = c.eval_batch_size = 8
   return c
+
+
+def _one_device_env():
+  return dict(os.environ, JAX_NUM_CPU_DEVICES='1', JAX_PLATFORMS='cpu')
+
+
+def _wait_for_checkpoint(proc, workdir, step, timeout_s=240):
+  """Returns once checkpoint `step` of the running `proc` is complete; fails if the run ends first."""
+  deadline = time.time() + timeout_s
+  while not (workdir / 'checkpoints' / str(step) / '_CHECKPOINT_METADATA').exists():
+    assert proc.poll() is None and time.time() < deadline, f'the run ended before checkpoint {step} was complete'
+    time.sleep(0.05)
+
+
+@pytest.fixture(scope='session')
+def one_device_env():
+  """fn() -> the environment of a `python -m train` subprocess on one CPU device."""
+  return _one_device_env
+
+
+@pytest.fixture(scope='session')
+def wait_for_checkpoint():
+  """fn(proc, workdir, step): returns once checkpoint `step` of the running `proc` is complete (kill -9 tests)."""
+  return _wait_for_checkpoint
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.fixture(scope='session')
+def kill_9_and_resume():
+  """fn(command, tmp_path, kill_at, last_step) -> (straight, killed, the straight run's stdout): `command(workdir)`
+  (a `python -m train` command line) run twice at once on one device, into tmp_path/'straight' untouched and
+  tmp_path/'killed' killed with kill -9 once its checkpoint `kill_at` is complete, then rerun to the end."""
+  def run(command, tmp_path, kill_at, last_step):
+    env = _one_device_env()
+    straight, killed = tmp_path / 'straight', tmp_path / 'killed'
+    reference = subprocess.Popen(command(straight), cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True)
+    victim = subprocess.Popen(command(killed), cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    _wait_for_checkpoint(victim, killed, kill_at)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert not (killed / 'checkpoints' / str(last_step)).exists(), 'the run finished before the kill; lengthen it'
+    resumed = subprocess.run(command(killed), cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert 'resumed from' in resumed.stdout
+    out, errors = reference.communicate(timeout=300)
+    assert reference.returncode == 0, errors[-2000:]
+    return straight, killed, out
+  return run

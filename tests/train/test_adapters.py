@@ -6,7 +6,7 @@ import pytest
 from flax import traverse_util
 
 from models import vit
-from train import adapters, loop
+from train import adapters, loop, steps
 
 FROZEN = r'(embedding|encoder/block_0)/.*'
 
@@ -39,10 +39,11 @@ def test_bad_adapter_configs_are_one_line(adapter_config, message):
 def test_frozen_parameters_stay_bitwise_and_get_no_optimizer_state(digits_dir, tmp_path, tiny_config):
   config = tiny_config(digits_dir, total_steps=4, **{'adapter.name': 'freeze', 'adapter.params': FROZEN})
   out = loop.train(config, str(tmp_path))
-  # The model's own seeded init, computed here independently of the loop.
+  # The model's own seeded init, computed here independently of the loop (compiled as every seeded init is).
   init_key, _ = jax.random.split(jax.random.key(config.seed))
   model = vit.Model(**config.model)
-  initial = _flat(jax.jit(lambda k: model.init({'params': k, 'dropout': k}, jnp.zeros((1, 8, 8, 1))))(init_key)['params'])
+  init = steps.jit_once(lambda k: model.init({'params': k, 'dropout': k}, jnp.zeros((1, 8, 8, 1))))
+  initial = _flat(init(init_key)['params'])
   initial = {k: np.asarray(v.unbox() if hasattr(v, 'unbox') else v) for k, v in initial.items()}
   base, trainable = _flat(out['frozen']['base']), _flat(out['state']['trainable'])
   assert set(base) == {k for k in initial if k.startswith(('embedding/', 'encoder/block_0/'))}

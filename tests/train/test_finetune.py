@@ -4,8 +4,6 @@ digits ViT through `python -m train` that resumes bitwise after kill -9."""
 import json
 import os
 import shutil
-import signal
-import subprocess
 import sys
 import textwrap
 
@@ -191,18 +189,6 @@ TINY = ('--config.model.width=16', '--config.model.depth=2', '--config.model.mlp
         '--config.eval_batch_size=16', '--config.eval_every_steps=0', '--config.schedule.warmup_steps=1')
 
 
-def _env():
-  return dict(os.environ, JAX_NUM_CPU_DEVICES='1', JAX_PLATFORMS='cpu')
-
-
-def _wait_for_checkpoint(proc, workdir, step, timeout_s=240):
-  import time
-  deadline = time.time() + timeout_s
-  while not (workdir / 'checkpoints' / str(step) / '_CHECKPOINT_METADATA').exists():
-    assert proc.poll() is None and time.time() < deadline, f'the run ended before checkpoint {step} was complete'
-    time.sleep(0.05)
-
-
 def _final(workdir, step):
   with ocp.CheckpointManager(os.path.join(workdir, 'checkpoints')) as manager:
     return manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))['state']['trainable']
@@ -213,7 +199,7 @@ def _metrics(workdir):
           for r in metrics_lib.read_metrics(str(workdir))]
 
 
-def test_pretrain_then_finetune_elsewhere_resumes_bitwise_after_kill_9(digits_dir, tmp_path):
+def test_pretrain_then_finetune_elsewhere_resumes_bitwise_after_kill_9(digits_dir, tmp_path, kill_9_and_resume):
   """Digits at 8x8 (10 classes) -> textures at 16x16 (3 classes) through the command line, head excluded and
   position embedding resampled; a finetune killed with kill -9 and rerun ends bit for bit like one that was not."""
   pretrain = tmp_path / 'pretrain'
@@ -224,22 +210,9 @@ def test_pretrain_then_finetune_elsewhere_resumes_bitwise_after_kill_9(digits_di
   pipeline.get_source('textures', 'train', digits_dir)  # Prepared once here: two runs at once would race to it.
   config_file = tmp_path / 'textures_ft.py'
   config_file.write_text(textwrap.dedent(FINETUNE_CONFIG))
-  straight, killed = tmp_path / 'straight', tmp_path / 'killed'
   command = lambda workdir: [sys.executable, '-m', 'train', f'--config={config_file}', f'--workdir={workdir}',
                              f'--config.data.data_dir={digits_dir}', f'--config.init_params={pretrain}']
-  reference = subprocess.Popen(command(straight), cwd=REPO, env=_env(), stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, text=True)
-  victim = subprocess.Popen(command(killed), cwd=REPO, env=_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-  _wait_for_checkpoint(victim, killed, 10)
-  victim.send_signal(signal.SIGKILL)
-  victim.wait()
-  assert not (killed / 'checkpoints' / '40').exists(), 'the run finished before the kill; lengthen it'
-  resumed = subprocess.run(command(killed), cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
-  assert resumed.returncode == 0, resumed.stderr[-2000:]
-  assert 'resumed from' in resumed.stdout
-  _, errors = reference.communicate(timeout=300)
-  assert reference.returncode == 0, errors[-2000:]
+  straight, killed, _ = kill_9_and_resume(command, tmp_path, kill_at=10, last_step=40)
   assert _metrics(killed) == _metrics(straight)
   a, b = _final(str(killed), 40), _final(str(straight), 40)
   jax.tree.map(np.testing.assert_array_equal, a, b)

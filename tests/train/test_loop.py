@@ -101,19 +101,6 @@ def _cli(workdir, *overrides, data_dir):
           f'--config.data.data_dir={data_dir}', *overrides]
 
 
-def _env():
-  env = dict(os.environ, JAX_NUM_CPU_DEVICES='1', JAX_PLATFORMS='cpu')
-  return env
-
-
-def _wait_for_checkpoint(proc, workdir, step, timeout_s=240):
-  """Returns once checkpoint `step` of the running `proc` is complete; fails if the run ends first."""
-  deadline = time.time() + timeout_s
-  while not (workdir / 'checkpoints' / str(step) / '_CHECKPOINT_METADATA').exists():
-    assert proc.poll() is None and time.time() < deadline, f'the run ended before checkpoint {step} was complete'
-    time.sleep(0.05)
-
-
 RESUME_FLAGS = ('--config.total_steps=120', '--config.log_every_steps=5', '--config.eval_every_steps=40',
                 '--config.checkpoint_every_steps=20')
 
@@ -128,18 +115,19 @@ def _final_params(workdir, step):
 # adapter, tests/benchmarks/test_soak.py kills a run at start-up, during a save and between steps.
 @pytest.mark.parametrize('adapter', [('--config.adapter.name=freeze', '--config.adapter.params=encoder/block_0/.*')],
                          ids=['freeze'])
-def test_kill_and_resume_equals_uninterrupted_run_bitwise(digits_dir, tmp_path, adapter):
+def test_kill_and_resume_equals_uninterrupted_run_bitwise(
+    digits_dir, tmp_path, adapter, one_device_env, wait_for_checkpoint):
   straight, killed = tmp_path / 'straight', tmp_path / 'killed'
   flags = (*RESUME_FLAGS, *adapter)
-  reference = subprocess.Popen(_cli(straight, *flags, data_dir=digits_dir), cwd=REPO, env=_env(),
+  reference = subprocess.Popen(_cli(straight, *flags, data_dir=digits_dir), cwd=REPO, env=one_device_env(),
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  victim = subprocess.Popen(_cli(killed, *flags, data_dir=digits_dir), cwd=REPO, env=_env(),
+  victim = subprocess.Popen(_cli(killed, *flags, data_dir=digits_dir), cwd=REPO, env=one_device_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  _wait_for_checkpoint(victim, killed, 20)  # kill -9 as soon as a checkpoint is complete, while the run goes on.
+  wait_for_checkpoint(victim, killed, 20)  # kill -9 as soon as a checkpoint is complete, while the run goes on.
   victim.send_signal(signal.SIGKILL)
   victim.wait()
   assert not (killed / 'checkpoints' / '120').exists(), 'the run finished before the kill; lengthen it'
-  resumed = subprocess.run(_cli(killed, *flags, data_dir=digits_dir), cwd=REPO, env=_env(),
+  resumed = subprocess.run(_cli(killed, *flags, data_dir=digits_dir), cwd=REPO, env=one_device_env(),
                            capture_output=True, text=True, timeout=300)
   assert resumed.returncode == 0, resumed.stderr[-2000:]
   assert 'resumed from' in resumed.stdout
@@ -150,10 +138,10 @@ def test_kill_and_resume_equals_uninterrupted_run_bitwise(digits_dir, tmp_path, 
   assert ('block_0' in a['encoder']) == (not adapter)  # The frozen block is not in the checkpoint.
 
 
-def test_sigterm_saves_and_exits_for_a_restart(digits_dir, tmp_path):
+def test_sigterm_saves_and_exits_for_a_restart(digits_dir, tmp_path, one_device_env):
   proc = subprocess.Popen(_cli(tmp_path, '--config.total_steps=100000', '--config.log_every_steps=1',
                                '--config.checkpoint_every_steps=100000', data_dir=digits_dir),
-                          cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                          cwd=REPO, env=one_device_env(), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
   for line in proc.stdout:
     if line.startswith('step 5/'):
       proc.send_signal(signal.SIGTERM)
@@ -171,7 +159,8 @@ def test_sigterm_saves_and_exits_for_a_restart(digits_dir, tmp_path):
     (['--config.data.name=no_such_dataset'], 'no_such_dataset'),
     (['--config.mesh.data=3'], 'mesh data=3 x fsdp=1 x tensor=1 = 3 devices, but 8 are available'),
     (['--config.batch_size=20'], 'batch_size=20 is not divisible by the data-parallel size data*fsdp=8'),
-    (['--config.adapter.name=lora9'], "adapter.name='lora9' is unknown; choose one of ['freeze', 'none']"),
+    (['--config.adapter.name=lora9'],
+     "adapter.name='lora9' is unknown; choose one of ['freeze', 'lora', 'none', 'qlora']"),
     (['--config.task.name=regression'], "task.name='regression' is unknown; choose one of"),
     (['--config.microbatches=3'], 'microbatches=3 does not divide the per-device batch 16'),
 ])
@@ -196,13 +185,14 @@ def _clean(stderr):
     assert bad not in stderr, stderr[-3000:]
 
 
-def test_resuming_with_another_model_is_one_line_and_changes_nothing(digits_dir, tmp_path, tiny_config):
+def test_resuming_with_another_model_is_one_line_and_changes_nothing(digits_dir, tmp_path, tiny_config, one_device_env):
   loop.train(tiny_config(digits_dir, total_steps=1, checkpoint_every_steps=1, **{'schedule.warmup_steps': 0}),
              str(tmp_path))
   before = {name: (tmp_path / name).read_bytes() for name in ('config.json', 'metrics.jsonl')}
   listing = sorted(os.listdir(tmp_path))
   proc = subprocess.run(_cli(tmp_path, *TINY, '--config.model.mlp_dim=64', '--config.total_steps=2',
-                             data_dir=digits_dir), cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+                             data_dir=digits_dir), cwd=REPO, env=one_device_env(), capture_output=True, text=True,
+                        timeout=300)
   assert proc.returncode == 2, proc.stderr[-3000:]
   _clean(proc.stderr)
   (error,) = proc.stderr.strip().splitlines()
@@ -214,9 +204,9 @@ def test_resuming_with_another_model_is_one_line_and_changes_nothing(digits_dir,
   assert sorted(os.listdir(tmp_path)) == listing
 
 
-def test_two_runs_started_together_one_is_refused_naming_the_other(digits_dir, tmp_path):
+def test_two_runs_started_together_one_is_refused_naming_the_other(digits_dir, tmp_path, one_device_env):
   flags = (*TINY, '--config.total_steps=30', '--config.log_every_steps=1', '--config.checkpoint_every_steps=10')
-  procs = [subprocess.Popen(_cli(tmp_path, *flags, data_dir=digits_dir), cwd=REPO, env=_env(), text=True,
+  procs = [subprocess.Popen(_cli(tmp_path, *flags, data_dir=digits_dir), cwd=REPO, env=one_device_env(), text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
   results = [(p, *p.communicate(timeout=300)) for p in procs]
   (winner, _, winner_err), = [r for r in results if r[0].returncode == 0]
@@ -230,11 +220,12 @@ def test_two_runs_started_together_one_is_refused_naming_the_other(digits_dir, t
   assert not os.path.exists(tmp_path / 'lock')
 
 
-def test_ctrl_c_saves_at_the_step_boundary_and_a_rerun_resumes(digits_dir, tmp_path):
+def test_ctrl_c_saves_at_the_step_boundary_and_a_rerun_resumes(
+    digits_dir, tmp_path, one_device_env, wait_for_checkpoint):
   flags = (*TINY, '--config.total_steps=200', '--config.log_every_steps=50', '--config.checkpoint_every_steps=50')
-  proc = subprocess.Popen(_cli(tmp_path, *flags, data_dir=digits_dir), cwd=REPO, env=_env(), text=True,
+  proc = subprocess.Popen(_cli(tmp_path, *flags, data_dir=digits_dir), cwd=REPO, env=one_device_env(), text=True,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-  _wait_for_checkpoint(proc, tmp_path, 50)
+  wait_for_checkpoint(proc, tmp_path, 50)
   proc.send_signal(signal.SIGINT)
   out, err = proc.communicate(timeout=120)
   assert proc.returncode == PREEMPTED_EXIT, err[-3000:]
@@ -245,7 +236,8 @@ def test_ctrl_c_saves_at_the_step_boundary_and_a_rerun_resumes(digits_dir, tmp_p
   assert 50 <= step < 200, 'the run finished before the interrupt; lengthen it'
   assert (tmp_path / 'checkpoints' / str(step) / '_CHECKPOINT_METADATA').exists()
   assert not os.path.exists(tmp_path / 'lock')
-  resumed = subprocess.run(_cli(tmp_path, *flags, data_dir=digits_dir), cwd=REPO, env=_env(), capture_output=True,
+  resumed = subprocess.run(_cli(tmp_path, *flags, data_dir=digits_dir), cwd=REPO,
+                           env=one_device_env(), capture_output=True,
                            text=True, timeout=300)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert f'resumed from {tmp_path}/checkpoints at step {step}' in resumed.stdout

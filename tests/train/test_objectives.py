@@ -101,7 +101,7 @@ class _Bigram:
   def __init__(self, table):
     self.table = jnp.asarray(table, jnp.float32)
 
-  def apply(self, variables, tokens, segment_ids=None, positions=None, rngs=None):
+  def apply(self, variables, tokens, segment_ids=None, positions=None, train=False, rngs=None):
     return self.table[tokens]
 
 

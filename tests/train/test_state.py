@@ -7,7 +7,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from train import loop, objectives
+from train import loop, objectives, steps
 
 
 class AnchoredClassification(objectives.Classification):
@@ -33,7 +33,8 @@ def test_objective_with_a_frozen_reference_trains_and_resumes_exactly(anchored, 
   # The reference is the initial parameters, kept bitwise through training (never donated or updated).
   init_key, _ = jax.random.split(jax.random.key(config.seed))
   model = loop.build_model(config)
-  initial = jax.device_get(jax.jit(lambda k: model.init({'params': k, 'dropout': k}, jnp.zeros((1, 8, 8, 1))))(init_key))
+  init = steps.jit_once(lambda k: model.init({'params': k, 'dropout': k}, jnp.zeros((1, 8, 8, 1))))
+  initial = jax.device_get(init(init_key))
   jax.tree.map(np.testing.assert_array_equal, reference, jax.tree.map(lambda b: b.unbox(), initial['params'],
                                                                     is_leaf=lambda b: hasattr(b, 'unbox')))
   # Not in the checkpoint: only step, trainable parameters and optimizer state.

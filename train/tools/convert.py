@@ -4,6 +4,7 @@ r"""Imports Hugging Face (or original-release) Mistral weights into an orbax che
   python -m train.convert import --src=/models/mistral-7B-v0.1 --format=original --rope_theta=10000 \
       --out=imported/mistral_7b --scan
   python -m train.convert export --src=workdirs/mistral_7b --out=/models/my-mistral --dtype=bfloat16
+  python -m train.convert export_peft --src=workdirs/mistral_sft_lora --out=/models/my-lora   # peft adapter
 
 Import reads `config.json` + `model.safetensors` (or the shards of `model.safetensors.index.json`), or,
 with --format=original, `params.json` + `consolidated*.safetensors` / `consolidated.*.pth` (query and key
@@ -17,7 +18,9 @@ the tokenizer.model if SRC has one. Then:
 
 Export takes an imported directory or a training workdir (its latest checkpoint's parameters, never
 the optimizer state) and writes config.json + safetensors shards + model.safetensors.index.json that
-`transformers.MistralForCausalLM.from_pretrained` loads.
+`transformers.MistralForCausalLM.from_pretrained` loads. From a LoRA or QLoRA run, `export` writes the merged
+weights (each kernel + alpha/r * A @ B, a QLoRA base dequantised) and `export_peft` the adapter alone, as peft
+saves one (adapter_config.json + adapter_model.safetensors), to load onto the exported base model.
 """
 import glob
 import json
@@ -26,12 +29,13 @@ import sys
 
 from absl import flags
 from etils import epath
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from train import cli
+from train import adapters, cli
 from train.tools import loader
 
 FLAGS = flags.FLAGS
@@ -231,9 +235,57 @@ def export_model(src: str, out: str, *, step: int | None = None, dtype: str | No
   return files
 
 
+# Our projection -> the HF module peft adapts (Mistral).
+_PEFT_MODULES = {'attn/query': 'self_attn.q_proj', 'attn/key': 'self_attn.k_proj', 'attn/value': 'self_attn.v_proj',
+                 'attn/out': 'self_attn.o_proj', 'mlp/gate': 'mlp.gate_proj', 'mlp/up': 'mlp.up_proj',
+                 'mlp/down': 'mlp.down_proj'}
+
+
+def export_peft(src: str, out: str, *, step: int | None = None) -> dict:
+  """A LoRA workdir's adapter as peft writes one: OUT/adapter_config.json and OUT/adapter_model.safetensors,
+  loadable with peft.PeftModel.from_pretrained onto the HF model `export` writes from the run's base. Each
+  lora_a [in..., r] becomes lora_A.weight [r, in] and lora_b [r, out...] lora_B.weight [out, r], flattened as
+  `export` flattens their kernel. Returns the adapter config."""
+  from train import paths, runs
+  if paths.is_url(out):
+    raise ValueError(f'--out={out}: export writes a local directory; copy it to the bucket afterwards.')
+  config, trainable = runs.restore_trainable(src, step)
+  adapter = config.get('adapter') or {}
+  if adapter.get('name') not in ('lora', 'qlora') or config.get('model_name') != MODEL_NAME:
+    raise ValueError(f'{src} was not trained with a LoRA adapter on {MODEL_NAME!r} (adapter {adapter.get("name")!r}, '
+                     f'model {config.get("model_name")!r}); export its merged weights with `export` instead.')
+  return write_peft(trainable, adapters.make_adapter(adapter), out)
+
+
+def write_peft(trainable, adapter, out: str) -> dict:
+  """`export_peft`'s writer: the LoRA factors `trainable` (our names and layout) of `adapter` into OUT."""
+  from safetensors.numpy import save_file
+  flat = traverse_util.flatten_dict(jax.tree.map(np.asarray, trainable), sep='/')
+  tensors, targets = {}, set()
+  for name, value in sorted(flat.items()):
+    module, factor = name.rsplit('/', 1)
+    layer, inner = module.split('/', 1)
+    layers = list(enumerate(value)) if layer == 'layers' else [(int(layer[len('layer_'):]), value)]
+    hf_module = _PEFT_MODULES[inner]
+    targets.add(hf_module.split('.')[-1])
+    for i, v in layers:
+      weight = v.reshape(-1, adapter.rank).T if factor == 'lora_a' else v.reshape(adapter.rank, -1).T
+      kind = 'lora_A' if factor == 'lora_a' else 'lora_B'
+      tensors[f'base_model.model.model.layers.{i}.{hf_module}.{kind}.weight'] = np.ascontiguousarray(weight)
+  peft_config = {'peft_type': 'LORA', 'task_type': 'CAUSAL_LM', 'r': adapter.rank, 'lora_alpha': adapter.alpha,
+                 'lora_dropout': adapter.dropout, 'use_rslora': adapter.rslora, 'target_modules': sorted(targets),
+                 'bias': 'none', 'fan_in_fan_out': False, 'inference_mode': True, 'init_lora_weights': True,
+                 'base_model_name_or_path': None, 'modules_to_save': None}
+  os.makedirs(out, exist_ok=True)
+  save_file(tensors, os.path.join(out, 'adapter_model.safetensors'), metadata={'format': 'pt'})
+  with open(os.path.join(out, 'adapter_config.json'), 'w') as f:
+    json.dump(peft_config, f, indent=2)
+  return peft_config
+
+
 def main(argv):
-  if len(argv) != 2 or argv[1] not in ('import', 'export'):
-    cli.fail('usage: python -m train.convert import|export --src=DIR --out=DIR [flags]')
+  if len(argv) != 2 or argv[1] not in ('import', 'export', 'export_peft'):
+    cli.fail('usage: python -m train.convert import|export|export_peft --src=DIR --out=DIR [flags]')
   cli.quiet_logging()
   if not FLAGS.src or not FLAGS.out:
     cli.fail('--src and --out are both required.')
@@ -242,6 +294,10 @@ def main(argv):
       kwargs = import_model(FLAGS.src, FLAGS.out, fmt=FLAGS.format, scan=FLAGS.scan, dtype=FLAGS.dtype,
                             rope_theta=FLAGS.rope_theta)
       print(f'imported {FLAGS.src} -> {FLAGS.out}: {kwargs}')
+    elif argv[1] == 'export_peft':
+      peft_config = export_peft(FLAGS.src, FLAGS.out, step=FLAGS.checkpoint_step)
+      print(f'exported the LoRA adapter of {FLAGS.src} -> {FLAGS.out} (peft format: rank {peft_config["r"]}, '
+            f'{", ".join(peft_config["target_modules"])})')
     else:
       files = export_model(FLAGS.src, FLAGS.out, step=FLAGS.checkpoint_step, dtype=FLAGS.dtype,
                            max_shard_bytes=FLAGS.max_shard_bytes)
