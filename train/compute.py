@@ -130,15 +130,13 @@ def measured_train_flops(lowered_step, config) -> float | None:
 
   The lowered (not yet partitioned) program is the whole global batch; a compiled one would count a
   single device's share. XLA counts the body of a loop once, so a scanned model (config.model.scan)
-  gives None rather than a figure short by a factor of its depth; SAM's loop of two passes is doubled.
+  gives None rather than a figure short by a factor of its depth.
   """
   if config.model.get('scan'):
     return None
   cost = lowered_step.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  # SAM's two passes are one loop (train/steps.py), counted once: doubled, which also counts the optimizer's few
-  # elementwise FLOPs per parameter twice.
-  return float(cost['flops']) * gradient_passes(config) / config.batch_size
+  return float(cost['flops']) / config.batch_size
 
 
 def _flop(x: float) -> str:

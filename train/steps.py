@@ -99,17 +99,13 @@ def ascent_point(trainable, grads, rho: float):
 def sam_loss_and_grads(loss_and_grads, trainable, rho: float):
   """(loss, sums) at w and (loss, gradient) at the ascent point, `loss_and_grads(params) -> (loss, sums, grads)`.
 
-  The two passes are one loop of two iterations, each at `ascent_point(w, previous gradient)`: the first from a
-  zero gradient, i.e. at w itself. The forward and backward are then compiled once, not twice (XLA's compile
-  time of a step is mostly that pass: twice it would double the step's).
+  Two passes, traced twice. One loop of two iterations (the first at w, from a zero gradient) compiles the pass
+  once, 25 s instead of 45 s for the CPU study's NFNet finetune, but XLA's CPU backend then runs the step 2-3x
+  slower (37 s against 12 s for one of those runs): not worth it.
   """
-  def one_pass(previous_grads, _):
-    loss, sums, grads = loss_and_grads(ascent_point(trainable, previous_grads, rho))
-    return grads, (loss, sums)
-
-  zeros = jax.tree.map(jnp.zeros_like, trainable)
-  ascent_grads, (losses, sums) = jax.lax.scan(one_pass, zeros, None, length=2)
-  return losses[0], jax.tree.map(lambda x: x[0], sums), losses[1], ascent_grads
+  loss, sums, grads = loss_and_grads(trainable)
+  ascent_loss, _, ascent_grads = loss_and_grads(ascent_point(trainable, grads, rho))
+  return loss, sums, ascent_loss, ascent_grads
 
 
 # Config fields the compiled programs never read: how long a run is and what it logs, evaluates, saves and reads.
