@@ -100,8 +100,8 @@ def sam_loss_and_grads(loss_and_grads, trainable, rho: float):
   """(loss, sums) at w and (loss, gradient) at the ascent point, `loss_and_grads(params) -> (loss, sums, grads)`.
 
   Two passes, traced twice. One loop of two iterations (the first at w, from a zero gradient) compiles the pass
-  once, 25 s instead of 45 s for the CPU study's NFNet finetune, but XLA's CPU backend then runs the step 2-3x
-  slower (37 s against 12 s for one of those runs): not worth it.
+  once, 25 s instead of 45 s for a finetune step of the CPU study, but XLA's CPU backend then runs the step 2-3x
+  slower (37 s against 12 s for one of its runs): not worth it.
   """
   loss, sums, grads = loss_and_grads(trainable)
   ascent_loss, _, ascent_grads = loss_and_grads(ascent_point(trainable, grads, rho))
