@@ -36,7 +36,7 @@ def get_config(arg=None):
   c.eval_every_steps, c.checkpoint_every_steps, c.log_every_steps = 100, 100, 10
   c.eval_at_start = bool(arg.init)
   if arg.runlocal:
-    c.data.update(tokenizer='bytes', seq_len=128, num_threads=2, prefetch=1, packing_bins=4)
+    c.data.update(tokenizer='bytes', seq_len=128, num_threads=1, prefetch=1, packing_bins=4)
     c.batch_size = c.eval_batch_size = 8
     c.budget = None
     c.total_steps, c.log_every_steps, c.eval_every_steps, c.checkpoint_every_steps = 20, 5, 20, 10

@@ -160,10 +160,11 @@ class Lora:
     if not boxed:
       return out
     lead = tuple(kernel.names[:1]) if stacked else ()
-    first = kernel.names[len(lead)]  # The codes keep the kernel's first axis (row-major: a contiguous split).
-    return {f: kernel.replace(value=v, names=lead + (((first,) if f == 'nf4' else (None,)) if v.ndim > len(lead)
-                                                   else ()))
-            for f, v in out.items()}
+    # The packed codes keep the kernel's first axis name (row-major, so its shards are contiguous runs of values);
+    # the scales are small and replicated; the offset is a scalar per layer.
+    names = {'nf4': lead + (kernel.names[len(lead)],), 'absmax': lead + (None,), 'scale': lead + (None,),
+             'offset': lead}
+    return {f: kernel.replace(value=v, names=names[f]) for f, v in out.items()}
 
   def merge(self, trainable, base):
     """What the wrapped model applies: the base (quantised kernels as stored) with the factors beside it."""
