@@ -106,18 +106,11 @@ def restore_trainable(path: str, step: int | None = None) -> tuple[ml_collection
   return config, _restore_workdir(path, state_lib.evaluated_key(config), target, step)[0]
 
 
-def _seeded_init(config, example, target):
+def _seeded_init(config, example):
   """(fn: rng -> the seeded parameters of a run with `config`, not jitted; the run's init key)."""
-  del target
   model = build.build_model(config)
   init_key, _ = jax.random.split(jax.random.key(config.seed))
   return (lambda rng: nn.unbox(model.init({'params': rng, 'dropout': rng}, example)['params'])), init_key
-
-
-def seeded_params(config, example, target):
-  """The parameters a run with `config` starts from when it has no init_params: its model's seeded init."""
-  init, init_key = _seeded_init(config, example, target)
-  return steps.jit_once(init, out_shardings=jax.tree.map(lambda t: t.sharding, target))(init_key)
 
 
 def restore_params(path: str, target, *, step: int | None = None):
@@ -152,7 +145,7 @@ def restore_params(path: str, target, *, step: int | None = None):
     raise ValueError(f'{path} step {step} records no example_input to rebuild its frozen base from its seed; '
                      'retrain it with this version.')
   example = jnp.zeros(spec['shape'], spec['dtype']) if spec else None
-  initial = initial_params(config, target, *_seeded_init(config, example, target))
+  initial = initial_params(config, target, *_seeded_init(config, example))
   if getattr(adapter, 'new_params', None):
     initial = _nest({**_flat_leaves(initial), **_flat_leaves(trainable)})
   _, base = adapter.split(initial, jax.random.key(0))
