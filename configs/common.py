@@ -65,14 +65,15 @@ def adamw(weight_decay: float = 1e-4, grad_clip_norm: float | None = 1.0, **kw) 
 
 
 def adapter(name: str = 'none', params: str | None = None, *, rank: int | None = None, alpha: float | None = None,
-            dropout: float | None = None, rslora: bool | None = None) -> ml_collections.ConfigDict:
+            dropout: float | None = None, rslora: bool | None = None,
+            base_dtype: str | None = None) -> ml_collections.ConfigDict:
   """What trains: 'none' (everything), 'freeze' (`params`, a regex over parameter names, stays frozen), 'lora' or
   'qlora' (low-rank factors of `rank` on the kernels `params` matches, Mistral's seven projections when unset;
-  scaled by alpha / rank, or alpha / sqrt(rank) with rslora; `dropout` on their input). Unset fields take the
-  adapter's defaults (train/lora.py)."""
+  scaled by alpha / rank, or alpha / sqrt(rank) with rslora; `dropout` on their input; `base_dtype`, e.g.
+  'bfloat16', for the frozen base's unquantised floats). Unset fields take the adapter's defaults (train/lora.py)."""
   return ml_collections.ConfigDict(dict(
       name=name, params=optional(str, params), rank=optional(int, rank), alpha=optional(float, alpha),
-      dropout=optional(float, dropout), rslora=optional(bool, rslora)))
+      dropout=optional(float, dropout), rslora=optional(bool, rslora), base_dtype=optional(str, base_dtype)))
 
 
 def schedule(base_learning_rate: float, warmup_steps: int, decay: str = 'cosine') -> ml_collections.ConfigDict:

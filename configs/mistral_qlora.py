@@ -4,7 +4,8 @@ with double quantisation (train/nf4.py), LoRA factors of rank 64 on every projec
 Recipe (Dettmers et al. 2023, appendix B; artidoro/qlora's finetune_guanaco_7b.sh): rank 64, alpha 16, dropout
 0.1 on all linear layers of the blocks, AdamW (beta2 0.999, no weight decay), learning rate 2e-4 constant after a
 3% warmup, gradient clipping at 0.3, batch 16, 1,875 steps; targets of up to 512 tokens. Here on the same chat
-JSONL as configs/zephyr_dsft.py (Guanaco used OASST1), Zephyr's template, rows of 1024 tokens.
+JSONL as configs/zephyr_dsft.py (Guanaco used OASST1), Zephyr's template, rows of 1024 tokens; the rest of the
+frozen base (embeddings, head, norms) in bf16.
 
   python -m train --config=configs/mistral_qlora.py:init=gs://BUCKET/mistral_7b_v01 \
       --workdir=gs://BUCKET/runs/mistral_qlora --config.data.files='gs://BUCKET/ultrachat_200k/train*.jsonl'
@@ -21,7 +22,7 @@ from configs import common, zephyr_dsft
 def get_config(arg=None):
   arg = common.parse_arg(arg, init='', runlocal=False)
   c = zephyr_dsft.get_config(f'init={arg.init},runlocal={arg.runlocal}' if arg.init else f'runlocal={arg.runlocal}')
-  c.adapter = common.adapter('qlora', rank=64, alpha=16.0, dropout=0.1)
+  c.adapter = common.adapter('qlora', rank=64, alpha=16.0, dropout=0.1, base_dtype='bfloat16')
   c.optimizer = common.adamw(weight_decay=0.0, grad_clip_norm=0.3, b2=0.999)
   c.budget = None
   c.total_steps = 1875

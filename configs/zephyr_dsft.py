@@ -3,11 +3,16 @@ assistant's replies only, Zephyr's chat template, bf16, layers scanned and remat
 
 Recipe (Tunstall et al. 2023, §4.3; alignment-handbook recipes/zephyr-7b-beta/sft/config_full.yaml): Mistral-7B
 v0.1, 1 epoch of UltraChat-200k, AdamW without weight decay, peak learning rate 2e-5 with 10% warmup and cosine
-decay, global batch 512 packed rows of 2048 tokens; no LoRA.
+decay, global batch 512 packed rows of 2048 tokens; no LoRA. `:lora=16` is the handbook's LoRA variant
+(sft/config_qlora.yaml without the 4-bit base: rank 16, alpha 16, dropout 0.05 on all seven projections,
+learning rate 2e-4; the frozen base in bf16, as the handbook loads it); configs/mistral_qlora.py is the QLoRA paper's recipe.
 
   python -m train.convert import --src=/models/Mistral-7B-v0.1 --out=gs://BUCKET/mistral_7b_v01 --scan
   python -m train --config=configs/zephyr_dsft.py:init=gs://BUCKET/mistral_7b_v01 \
       --workdir=gs://BUCKET/runs/zephyr_dsft --config.data.files='gs://BUCKET/ultrachat_200k/train*.jsonl'
+
+What each device would hold, without allocating (8 virtual CPU devices for a v5e-8's chips):
+  JAX_NUM_CPU_DEVICES=8 python -m train --config=configs/zephyr_dsft.py --dry_run --hardware=tpu_v5e
 
 One epoch is counted from the data at start (its conversations packed once); give --config.data.num_train_examples
 (packed rows) to skip that. Shrunk to run locally with the same structure (the embedded chat/stdlib set, byte
@@ -20,7 +25,7 @@ from configs import common, mistral_7b
 
 
 def get_config(arg=None):
-  arg = common.parse_arg(arg, init='', runlocal=False)
+  arg = common.parse_arg(arg, init='', runlocal=False, lora=0)
   c = mistral_7b.get_config(f'init={arg.init},runlocal={arg.runlocal}' if arg.init else f'runlocal={arg.runlocal}')
   tokenizer = c.data.tokenizer
   c.data = ml_collections.ConfigDict(dict(
@@ -35,6 +40,9 @@ def get_config(arg=None):
                                               end_learning_rate=0.0))
   c.eval_every_steps, c.checkpoint_every_steps, c.log_every_steps = 100, 100, 10
   c.eval_at_start = bool(arg.init)
+  if arg.lora:
+    c.adapter = common.adapter('lora', rank=arg.lora, alpha=float(arg.lora), dropout=0.05, base_dtype='bfloat16')
+    c.schedule.base_learning_rate = 2e-4
   if arg.runlocal:
     c.data.update(tokenizer='bytes', seq_len=128, num_threads=1, prefetch=1, packing_bins=4)
     c.batch_size = c.eval_batch_size = 8

@@ -11,6 +11,11 @@ Exit status (train/cli.py names them; train.launch's restart loop retries 1, 74 
       command once the storage is back; it resumes from the last checkpoint.
   75  a preemption notice (SIGTERM) stopped the run after saving: rerun the same command to resume.
   1   anything unexpected (a bug).
+--dry_run trains nothing and needs no --workdir: it builds the config's programs for its mesh on the devices
+present (on a CPU, JAX_NUM_CPU_DEVICES=8 stands in for 8 chips), compiles the train step for abstract arguments
+and prints the bytes per device of trainable parameters, optimizer state, frozen parameters, the batch and the
+step's temporaries (train/memory.py); --hardware=tpu_v5e (etc.) compares the sum with that device's memory.
+
 Each failure ends with one `error: ...` line on stderr saying what is wrong and what to do; --traceback adds the
 full traceback before it.
 """
@@ -25,6 +30,9 @@ from train import cli
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Path to a config file, optionally with :ARGS.',
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints and metrics.jsonl (resumed if present).')
+_DRY_RUN = flags.DEFINE_bool('dry_run', False, 'Print the bytes per device the run would hold; train nothing.')
+_HARDWARE = flags.DEFINE_string('hardware', None, 'With --dry_run: the device whose memory the sum is compared '
+                                'with (tpu_v4, tpu_v5e, tpu_v5p, tpu_v6e, h100; default: the devices present).')
 _TRACEBACK = flags.DEFINE_bool('traceback', False, 'Show the full traceback of an error before its one line.')
 _COORDINATOR = flags.DEFINE_string('coordinator_address', None, 'HOST:PORT of process 0 in a multi-process run '
                                    '(default $JAX_COORDINATOR_ADDRESS; TPU slices are detected without it).')
@@ -35,7 +43,7 @@ _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process\'s index, 0
 
 def _parse(argv):
   rest = cli.parse_flags(argv, _CONFIG, example='configs/vit_digits.py')
-  if not _WORKDIR.value:
+  if not _WORKDIR.value and not _DRY_RUN.value:
     cli.fail('--workdir is required: the directory for checkpoints and metrics (resumed if it has any).')
   cli.quiet_logging()  # Library INFO chatter would drown the progress lines.
   return rest
@@ -57,8 +65,18 @@ def _check_workdir(workdir: str) -> None:
              'make it writable.')
 
 
+def _dry_run():
+  from train import compute, memory
+  import jax
+  with cli.ending_failures(_TRACEBACK.value):
+    hardware = _HARDWARE.value or compute.detect_hardware(jax.devices()[0])
+    print(memory.report(memory.account(_CONFIG.value), hardware if hardware != 'cpu' else None), flush=True)
+
+
 def main(argv):
   del argv
+  if _DRY_RUN.value:
+    return _dry_run()
   _check_workdir(_WORKDIR.value)
   from train import distributed
   try:  # Before anything starts a JAX backend.

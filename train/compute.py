@@ -16,6 +16,7 @@ and one JAX device on CPU.
 """
 import functools
 import math
+import re
 import statistics
 import time
 from typing import Any
@@ -71,6 +72,16 @@ def detect_hardware(device) -> str | None:
     return 'cpu'
   kind = device.device_kind.lower()
   return next((name for prefix, name in _DEVICE_KINDS if kind.startswith(prefix)), None)
+
+
+# The last resizing or cropping op of a preprocessing string fixes the training resolution.
+_PP_SIZE = re.compile(r'(?:inception_crop|random_crop|central_crop|resize_small|resize)\((\d+)')
+
+
+def pp_image_size(pp: str) -> int | None:
+  """N of the last crop or resize op of a preprocessing string (the training resolution), or None."""
+  sizes = _PP_SIZE.findall(pp)
+  return int(sizes[-1]) if sizes else None
 
 
 def run_hardware(config, devices) -> str | None:

@@ -15,7 +15,13 @@ QLoRA (`adapter.name='qlora'`, or quantize=True): the adapted kernels are stored
 double quantisation (train/nf4.py): `kernel_nf4`, `kernel_absmax`, `kernel_scale`, `kernel_offset` instead of
 `kernel`. Each layer dequantises its own kernel to the compute dtype where it uses it (inside the scanned layer),
 so no full-precision copy of the base exists while training. Kernels of a scanned stack (names matching
-`stacked`, by default anything under `layers/`) are quantised one layer at a time.
+`stacked`, by default anything under `layers/`) are quantised one layer at a time. A kernel whose last axis holds
+whole blocks of 64 is stored in its own shape (`nf4.in_layout`) and its codes take the kernel's logical axes, so
+FSDP and tensor parallelism split them as they split the kernel; other kernels are stored flat, split by rows.
+
+`base_dtype` (e.g. 'bfloat16') stores the frozen base's other floating arrays (unquantised kernels, embeddings,
+norms) in that dtype, as a base is loaded for LoRA in half precision: half the frozen bytes of float32. The
+factors, their optimizer state and the NF4 scales stay float32.
 
 The parameters are created by the model's own init, through a Flax method interceptor on Projection (`wrap`), and
 applied through the same interceptor: the model itself is unchanged. Only `lora_a` and `lora_b` train, are
@@ -80,7 +86,8 @@ class Lora:
   new_params = r'(.*/)?lora_[ab]'
 
   def __init__(self, params: str = DEFAULT_TARGETS, rank: int = 8, alpha: float = 16.0, dropout: float = 0.0,
-               rslora: bool = False, quantize: bool = False, stacked: str = r'(.*/)?layers/.*'):
+               rslora: bool = False, quantize: bool = False, stacked: str = r'(.*/)?layers/.*',
+               base_dtype: str | None = None):
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
       raise ValueError(f'adapter.rank={rank!r} must be a whole number >= 1; set --config.adapter.rank.')
     if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or alpha <= 0:
@@ -94,11 +101,17 @@ class Lora:
                        ) from None
     self.rank, self.alpha, self.dropout = rank, float(alpha), float(dropout)
     self.rslora, self.quantize = rslora, quantize
+    try:
+      self.base_dtype = jnp.dtype(base_dtype) if base_dtype else None
+    except TypeError:
+      raise ValueError(f'adapter.base_dtype={base_dtype!r} is not a dtype; use e.g. \'bfloat16\'.') from None
+    if self.base_dtype is not None and not jnp.issubdtype(self.base_dtype, jnp.floating):
+      raise ValueError(f'adapter.base_dtype={base_dtype!r} is not a floating dtype; use e.g. \'bfloat16\'.')
     self.scale = self.alpha / (math.sqrt(rank) if rslora else rank)
 
   def __repr__(self):
     return (f'{type(self).__name__}(params={self.pattern.pattern!r}, rank={self.rank}, alpha={self.alpha}, '
-            f'dropout={self.dropout}, rslora={self.rslora}, quantize={self.quantize})')
+            f'dropout={self.dropout}, rslora={self.rslora}, quantize={self.quantize}, base_dtype={self.base_dtype})')
 
   # -- the model's side: parameters created at init, applied at every call --------------------------------------
 
@@ -143,27 +156,35 @@ class Lora:
       raise ValueError(f'adapter.params={self.pattern.pattern!r} matches no projection kernel (a regex matched in '
                        f'full against names like {", ".join(map(repr, kernels[:3]))}); fix --config.adapter.params.')
     base = {k: v for k, v in flat.items() if k not in trainable}
-    if self.quantize:
+    quantized = {}
+    if self.quantize:  # From the float32 kernels; their scales stay float32.
       for module in sorted({_module_of(k) for k in trainable}):
         kernel = base.pop(f'{module}/kernel')
         for field, value in self._quantized(kernel, f'{module}/kernel').items():
-          base[f'{module}/kernel_{field}'] = value
+          quantized[f'{module}/kernel_{field}'] = value
+    base = {**{k: _cast(v, self.base_dtype) for k, v in base.items()}, **quantized}
     return _nest(trainable), _nest(base)
 
   def _quantized(self, kernel, name: str) -> dict[str, Any]:
     stacked = bool(self.stacked.fullmatch(name))
     boxed = isinstance(kernel, nn.meta.AxisMetadata)
     value = kernel.unbox() if boxed else kernel
-    nf4.check_size(math.prod(value.shape[1:] if stacked else value.shape), name)
-    quantize = jax.vmap(nf4.quantize) if stacked else nf4.quantize
+    shape = value.shape[1:] if stacked else value.shape  # one layer's
+    nf4.check_size(math.prod(shape), name)
+    quantize = lambda v: nf4.in_layout(nf4.quantize(v), shape)
+    quantize = jax.vmap(quantize) if stacked else quantize
     out = jax.eval_shape(quantize, value) if isinstance(value, jax.ShapeDtypeStruct) else quantize(value)
     if not boxed:
       return out
     lead = tuple(kernel.names[:1]) if stacked else ()
-    # The packed codes keep the kernel's first axis name (row-major, so its shards are contiguous runs of values);
-    # the scales are small and replicated; the offset is a scalar per layer.
-    names = {'nf4': lead + (kernel.names[len(lead)],), 'absmax': lead + (None,), 'scale': lead + (None,),
-             'offset': lead}
+    if nf4.is_shaped(shape):
+      # The codes in the kernel's layout take its logical axes; the absmax codes (one per 64 values, so a last
+      # axis too short to split) the leading ones: a device slices the absmaxes of its columns locally.
+      names = {'nf4': tuple(kernel.names), 'absmax': (*kernel.names[:-1], None)}
+    else:  # Flat, row-major: the first axis's name, so each shard is a contiguous run of whole rows.
+      names = {'nf4': lead + (kernel.names[len(lead)],), 'absmax': lead + (None,)}
+    # The absmax codes' blocks of 256 scales are few (one float per 16,384 values) and replicated.
+    names.update(scale=lead + (None,), offset=lead)
     return {f: kernel.replace(value=v, names=names[f]) for f, v in out.items()}
 
   def merge(self, trainable, base):
@@ -200,13 +221,26 @@ class Lora:
     return line
 
 
+def _cast(leaf, dtype):
+  """A floating leaf (array, abstract shape, or either in a logical-axis box) in `dtype`; others as they are."""
+  if dtype is None:
+    return leaf
+  if isinstance(leaf, nn.meta.AxisMetadata):
+    return leaf.replace(value=_cast(leaf.unbox(apply_constraint=False), dtype))
+  if not jnp.issubdtype(leaf.dtype, jnp.floating):
+    return leaf
+  if isinstance(leaf, jax.ShapeDtypeStruct):
+    return jax.ShapeDtypeStruct(leaf.shape, dtype, sharding=leaf.sharding)
+  return leaf.astype(dtype)
+
+
 class QLora(Lora):
   """LoRA over a base stored in NF4 (quantize=True); the defaults of Guanaco-7B: rank 64, alpha 16, dropout 0.1."""
   name = 'qlora'
 
   def __init__(self, params: str = DEFAULT_TARGETS, rank: int = 64, alpha: float = 16.0, dropout: float = 0.1,
-               rslora: bool = False, stacked: str = r'(.*/)?layers/.*'):
-    super().__init__(params, rank, alpha, dropout, rslora, quantize=True, stacked=stacked)
+               rslora: bool = False, stacked: str = r'(.*/)?layers/.*', base_dtype: str | None = None):
+    super().__init__(params, rank, alpha, dropout, rslora, quantize=True, stacked=stacked, base_dtype=base_dtype)
 
 
 def _dequantized_projection(m, x):

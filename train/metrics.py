@@ -227,7 +227,7 @@ def bytes_on_device(tree, device) -> int:
              for shard in leaf.addressable_shards if shard.device == device)
 
 
-def _size(n: float) -> str:
+def size_text(n: float) -> str:
   """1536 -> '1.50 KiB'."""
   for unit in ('B', 'KiB', 'MiB', 'GiB'):
     if n < 1024 or unit == 'GiB':
@@ -246,5 +246,5 @@ def startup_line(devices, mesh, num_params: int, num_trainable: int, state: dict
   sizes = {name: bytes_on_device(tree, device) for name, tree in parts.items() if tree is not None}
   axes = ' '.join(f'{name}={size}' for name, size in mesh.shape.items())
   return (f'start: {len(devices)} x {kinds} | mesh {axes} | {num_params:,} parameters ({num_trainable:,} '
-          f'trainable) | state {_size(sum(sizes.values()))} per device ('
-          + ', '.join(f'{name} {_size(n)}' for name, n in sizes.items()) + ')')
+          f'trainable) | state {size_text(sum(sizes.values()))} per device ('
+          + ', '.join(f'{name} {size_text(n)}' for name, n in sizes.items()) + ')')

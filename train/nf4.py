@@ -12,6 +12,11 @@ quant_type='nf4', `quantize_blockwise`, `create_dynamic_map`); tests/train/test_
 value. The last block of scales may be partial (bitsandbytes pads it the same way); the number of values must
 divide into blocks of 64.
 
+`in_layout` stores a kernel whose last axis holds whole blocks in the kernel's own shape ([..., last / 2] codes,
+[..., last / 64] absmax codes): the same values in the same row-major order, so the same bytes, but a shard of
+the kernel along any of its axes (FSDP's rows, tensor parallelism's columns) then holds whole blocks, and each
+device dequantises its own shard without communication. Other tensors stay flat.
+
 Everything here is jax.numpy and works on traced arrays: quantisation runs inside the jitted split of the adapter,
 dequantisation inside each layer of the model.
 """
@@ -96,18 +101,43 @@ def quantize(x: jax.Array) -> dict[str, jax.Array]:
   return {'nf4': packed, 'absmax': absmax_codes, 'scale': scale, 'offset': offset}
 
 
+def is_shaped(shape) -> bool:
+  """Whether a tensor of `shape` is stored in its own layout (see the module docstring)."""
+  return len(shape) > 1 and shape[-1] % BLOCK == 0
+
+
+def in_layout(stored: dict[str, jax.Array], shape) -> dict[str, jax.Array]:
+  """`quantize`'s flat storage of a tensor of `shape` in its own layout when `is_shaped(shape)`, else as it is."""
+  if not is_shaped(shape):
+    return stored
+  *lead, last = shape
+  return {**stored, 'nf4': stored['nf4'].reshape(*lead, last // 2),
+          'absmax': stored['absmax'].reshape(*lead, last // BLOCK)}
+
+
+def _flat_index(shape) -> jax.Array:
+  """The row-major flat index of every element of an array of `shape`, from per-axis iotas (elementwise, so it
+  is computed shard by shard)."""
+  index, stride = jnp.zeros(shape, jnp.int32), 1
+  for axis in reversed(range(len(shape))):
+    index = index + jax.lax.broadcasted_iota(jnp.int32, shape, axis) * stride
+    stride *= shape[axis]
+  return index
+
+
 def dequantize_absmax(stored: dict[str, jax.Array]) -> jax.Array:
-  """The float32 block absmaxes [n/64] from their 8-bit codes, block scales and offset."""
+  """The float32 block absmaxes (flat [n/64], or [..., last/64] in layout) from their 8-bit codes, the scales of
+  their blocks of 256 (in row-major order) and the offset."""
   codes = stored['absmax']
-  scales = jnp.repeat(stored['scale'], SCALE_BLOCK)[:codes.shape[0]]
+  scales = stored['scale'][_flat_index(codes.shape) // SCALE_BLOCK]
   return jnp.asarray(DYNAMIC_MAP)[codes] * scales + stored['offset']
 
 
 def dequantize(stored: dict[str, jax.Array], shape, dtype=jnp.float32) -> jax.Array:
-  """`quantize`'s inverse up to the rounding: the values in `shape`, in `dtype`."""
+  """`quantize`'s inverse up to the rounding, flat or in layout: the values in `shape`, in `dtype`."""
   packed = stored['nf4']
-  codes = jnp.stack([packed >> 4, packed & 15], axis=-1).reshape(-1)
-  values = jnp.asarray(NF4_LEVELS)[codes].reshape(-1, BLOCK) * dequantize_absmax(stored)[:, None]
+  codes = jnp.stack([packed >> 4, packed & 15], axis=-1).reshape(*packed.shape[:-1], -1)
+  values = jnp.asarray(NF4_LEVELS)[codes].reshape(*codes.shape[:-1], -1, BLOCK) * dequantize_absmax(stored)[..., None]
   return values.reshape(shape).astype(dtype)
 
 

@@ -75,6 +75,15 @@ def param_shardings(boxed_abstract_params, mesh, rules):
                      f'add e.g. --config.sharding_rules.{sorted(missing)[0]}=None (replicated).')
   specs = nn.get_partition_spec(boxed_abstract_params)
   shardings = nn.logical_to_mesh_sharding(specs, mesh, rules)
+  values = jax.tree.leaves(boxed_abstract_params, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
+  for (path, sharding), value in zip(jax.tree_util.tree_leaves_with_path(shardings), values):
+    shape = (value.unbox(apply_constraint=False) if isinstance(value, nn.meta.AxisMetadata) else value).shape
+    try:
+      sharding.shard_shape(shape)
+    except ValueError:  # jax's IndivisibleError, many lines long and naming no parameter
+      raise ValueError(f'parameter {"/".join(_path_key(path))} of shape {tuple(shape)} cannot be split as '
+                       f'{tuple(sharding.spec)} over the mesh {dict(mesh.shape)}; change config.mesh or '
+                       'config.sharding_rules.') from None
   return shardings
 
 

@@ -257,3 +257,9 @@ def test_sam_doubles_the_training_flops_and_xla_agrees():
   xla = compute.measured_train_flops(_lowered_train_step(config, batch), config)
   print(f'vit + SAM: XLA / analytic training FLOPs per example = {xla / analytic:.4f}')
   assert xla == pytest.approx(analytic, rel=0.05)
+
+
+def test_the_training_resolution_is_read_from_the_last_crop_or_resize():
+  assert compute.pp_image_size('decode|inception_crop(224)|flip_lr|keep("image")') == 224
+  assert compute.pp_image_size('decode|resize_small(448)|central_crop(384)|value_range(-1, 1)') == 384
+  assert compute.pp_image_size('decode|flip_lr') is None

@@ -118,3 +118,26 @@ def test_a_regex_matching_no_kernel_is_one_line(tmp_path, tiny_mistral_config):
     loop.train(config, str(tmp_path / 'run'))
   with pytest.raises(ValueError, match='adapter.rank=0 must be a whole number >= 1'):
     adapters.make_adapter({'name': 'lora', 'rank': 0})
+
+
+def test_a_half_precision_base_halves_the_frozen_bytes(hf_base):
+  """adapter.base_dtype='bfloat16': the frozen base's floats are stored in bf16 (the factors stay float32), and
+  the adapted model computes as the plain model does on that bf16 copy; QLoRA's NF4 scales stay float32."""
+  kwargs, base = _converted(hf_base, scan=False)
+  adapter = lora.Lora(rank=2, alpha=4.0, base_dtype='bfloat16')
+  model = adapter.wrap(mistral.Model(**kwargs))
+  params = nn.unbox(model.init({'params': jax.random.key(0)}, jnp.zeros((1, 4), jnp.int32))['params'])
+  params = traverse_util.unflatten_dict({**traverse_util.flatten_dict(params), **traverse_util.flatten_dict(base)})
+  trainable, frozen = adapter.split(params)
+  flat = traverse_util.flatten_dict(frozen, sep='/')
+  assert {str(v.dtype) for v in flat.values()} == {"bfloat16"}
+  assert {str(v.dtype) for v in jax.tree.leaves(trainable)} == {"float32"}
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, 61, (1, 9)))
+  half = jax.tree.map(lambda v: v.astype(jnp.bfloat16), base)
+  np.testing.assert_array_equal(model.apply({'params': adapter.merge(trainable, frozen)}, tokens),
+                                mistral.Model(**kwargs).apply({'params': half}, tokens))
+  quantized = traverse_util.flatten_dict(lora.QLora(rank=2, base_dtype='bfloat16').split(params)[1], sep='/')
+  assert quantized['layer_0/mlp/up/kernel_nf4'].dtype == jnp.uint8
+  assert quantized['layer_0/mlp/up/kernel_scale'].dtype == jnp.float32 and quantized['embedding'].dtype == jnp.bfloat16
+  with pytest.raises(ValueError, match="adapter.base_dtype='int8' is not a floating dtype"):
+    lora.Lora(base_dtype='int8')

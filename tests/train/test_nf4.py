@@ -112,3 +112,17 @@ def test_qlora_layers_dequantise_their_own_kernels(scan):
   stored = sum(n // 2 + n // 64 + 4 * -(-n // 64 // 256) + 4 for n in (64 * 64, 64 * 32, 64 * 32, 64 * 64,
                                                                       64 * 128, 64 * 128, 128 * 64))
   assert f'their frozen base in NF4: {2 * stored / 73_728:.4f} bytes per parameter (73,728 parameters' in line, line
+
+
+def test_the_kernel_layout_holds_the_same_bytes_and_values():
+  """A kernel whose last axis holds whole blocks is stored in its own shape (so it shards along its axes); the
+  bytes are the flat storage's, reshaped, and dequantise to the same values, across blocks of 256 scales."""
+  x = np.random.default_rng(1).standard_normal((40, 2, 256)).astype(np.float32)  # 320 absmaxes: 2 scale blocks
+  flat = nf4.quantize(x)
+  shaped = nf4.in_layout(flat, x.shape)
+  assert shaped['nf4'].shape == (40, 2, 128) and shaped['absmax'].shape == (40, 2, 4)
+  for field in nf4.FIELDS:
+    np.testing.assert_array_equal(np.asarray(shaped[field]).reshape(-1), np.asarray(flat[field]).reshape(-1))
+  np.testing.assert_array_equal(nf4.dequantize(shaped, x.shape), nf4.dequantize(flat, x.shape))
+  assert nf4.in_layout(flat, (80, 2, 128))['nf4'].shape == (80, 2, 64)
+  assert nf4.in_layout(flat, (640, 32)) is flat  # a last axis of 32 values is not whole blocks: flat

@@ -41,7 +41,6 @@ import importlib.util
 import json
 import math
 import os
-import re
 import sys
 import time
 import traceback
@@ -139,20 +138,16 @@ def _load_run(name: str, spec: str, overrides=(), config=None, channels: int = 3
   return Run(name, spec, config, steps, compute.train_flops_per_example(config, input_shape), params)
 
 
-# The last resizing or cropping op of a preprocessing string fixes the training resolution.
-_PP_SIZE = re.compile(r'(?:inception_crop|random_crop|central_crop|resize_small|resize)\((\d+)')
-
-
 def _train_input_shape(config, spec: str, channels: int) -> tuple[int, ...]:
   """config.study.input_shape, else (N, N, channels) from the last crop or resize of data.pp_train."""
   study = config.get('study') or {}
   if study.get('input_shape'):
     return tuple(study['input_shape'])
-  sizes = _PP_SIZE.findall(str(config.data.get('pp_train') or ''))
-  if not sizes:
+  size = compute.pp_image_size(str(config.data.get('pp_train') or ''))
+  if size is None:
     raise ValueError(f'{spec}: cannot tell the training input shape for the FLOP estimate; set '
                      'config.study.input_shape (e.g. (384, 384, 3)) in that config.')
-  return (int(sizes[-1]), int(sizes[-1]), channels)
+  return (size, size, channels)
 
 
 def plan(config_spec: str, overrides=()) -> list[Run]:
