@@ -89,9 +89,10 @@ KWARGS = dict(embed_dim=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=
 def test_qlora_layers_dequantise_their_own_kernels(scan):
   adapter = lora.QLora(rank=4, alpha=8.0, dropout=0.0)
   model = adapter.wrap(mistral.Model(**KWARGS, scan=scan))
-  params = nn.unbox(model.init({'params': jax.random.key(0)}, jnp.zeros((1, 4), jnp.int32))['params'])
+  init = jax.jit(lambda key: nn.unbox(model.init({'params': key}, jnp.zeros((1, 4), jnp.int32))['params']))
+  params = init(jax.random.key(0))
   rng = np.random.default_rng(1)
-  trainable, base = adapter.split(params)
+  trainable, base = jax.jit(adapter.split)(params)  # Jitted: op by op, quantising and applying take 10x longer.
   trainable = jax.tree.map(lambda v: jnp.asarray(rng.standard_normal(v.shape) * 0.1, jnp.float32), trainable)
   flat_base = traverse_util.flatten_dict(base, sep='/')
   prefix = 'layers' if scan else 'layer_1'
@@ -99,11 +100,11 @@ def test_qlora_layers_dequantise_their_own_kernels(scan):
   assert flat_base[f'{prefix}/attn/query/kernel_nf4'].dtype == np.uint8
   assert flat_base['head/kernel'].dtype == np.float32  # Only the adapted kernels are quantised.
   tokens = jnp.asarray(rng.integers(0, 61, (2, 9)))
-  ours = model.apply({'params': adapter.merge(trainable, base)}, tokens)
+  ours = jax.jit(model.apply)({'params': adapter.merge(trainable, base)}, tokens)
   # The same model given plain kernels: each the dequantised NF4 kernel, plus the low-rank update.
-  dense = adapter.export(trainable, base)
-  np.testing.assert_allclose(ours, mistral.Model(**KWARGS, scan=scan).apply({'params': dense}, tokens), atol=2e-5,
-                             rtol=1e-5)
+  dense = jax.jit(adapter.export)(trainable, base)
+  plain_model = mistral.Model(**KWARGS, scan=scan)
+  np.testing.assert_allclose(ours, jax.jit(plain_model.apply)({'params': dense}, tokens), atol=2e-5, rtol=1e-5)
   plain = traverse_util.flatten_dict(params, sep='/')
   kernel = traverse_util.flatten_dict(dense, sep='/')[f'{prefix}/mlp/down/kernel']
   assert kernel.shape == plain[f'{prefix}/mlp/down/kernel'].shape
