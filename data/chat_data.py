@@ -125,14 +125,15 @@ class ChatConfig(tfds.core.BuilderConfig):
   on_bad_line: str = 'error'
 
 
-def files_config(files: str, on_bad_line: str = 'error') -> ChatConfig:
-  """A config for the JSONL glob `files`, named `custom_<hash of the glob and on_bad_line>`."""
+def files_config(files: str, on_bad_line: str = 'error', what: str = 'Chat') -> ChatConfig:
+  """A config for the JSONL glob `files` (of `what`: also preference pairs, data/preference_data.py), named
+  `custom_<hash of the glob and on_bad_line>`."""
   if on_bad_line not in ('error', 'skip'):
     raise ValueError(f"data.on_bad_line={on_bad_line!r} is unknown; use 'error' or 'skip'.")
   files = os.path.expanduser(files)
   digest = hashlib.sha256(f'{files}|{on_bad_line}'.encode('utf-8')).hexdigest()[:10]
   return ChatConfig(name=f'custom_{digest}', files=files, on_bad_line=on_bad_line,
-                    description=f'Chat JSONL files matching {files!r}.')
+                    description=f'{what} JSONL files matching {files!r}.')
 
 
 class Chat(tfds.core.GeneratorBasedBuilder):

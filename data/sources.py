@@ -7,11 +7,13 @@ from tensorflow_datasets.core import constants, file_adapters
 
 from . import chat_data
 from . import digits
+from . import preference_data
 from . import text
 from . import textures
 
 # Offline builders of this package, prepared on first use.
-OWN_BUILDERS = (chat_data.Chat.name, digits.Digits.name, text.LocalText.name, textures.Textures.name)
+OWN_BUILDERS = (chat_data.Chat.name, digits.Digits.name, preference_data.Preference.name, text.LocalText.name,
+                textures.Textures.name)
 
 
 def _where(data_dir) -> str:

@@ -49,14 +49,15 @@ class Accounting:
 
 
 def input_shape(config, objective) -> tuple[int, ...]:
-  """One example's shape from the config alone (no data read): data.seq_len for token rows, else the image size
-  of config.study.input_shape or of the last crop or resize of data.pp_train."""
+  """One example's shape from the config alone (no data read): config.study.input_shape, data.seq_len (or
+  max_length) for token rows, else the image size of the last crop or resize of data.pp_train."""
   study = config.get('study') or {}
   if study.get('input_shape'):
     return tuple(study['input_shape'])
   data = config.data
-  if objective.unit == 'tokens':
-    return objective.example_shape(0, 0, int(data.seq_len))
+  length = data.get('seq_len') or data.get('max_length')  # token rows (a preference pair's rows: max_length)
+  if length:
+    return objective.example_shape(0, 0, int(length))
   size = compute.pp_image_size(str(data.get('pp_train') or ''))
   if size is None:
     raise ValueError('cannot tell the input shape from the config; set config.study.input_shape, e.g. (224, 224, 3).')

@@ -27,6 +27,7 @@ Each objective gives:
 dict of frozen trees by name.
 """
 from collections.abc import Mapping
+import re
 from typing import Any
 
 import jax
@@ -34,7 +35,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from train import build
+from flax import traverse_util
+
+from train import build, dpo
 
 
 def backprop_flops(forward_flops: float, trainable_fraction: float) -> float:
@@ -190,7 +193,113 @@ class LanguageModel:
             'positions': np.broadcast_to(np.arange(seq_len, dtype=np.int32), tokens.shape).copy()}
 
 
-OBJECTIVES = {'classification': Classification, 'language_model': LanguageModel}
+PAIR_KEYS = ('tokens', 'targets', 'loss_mask', 'segment_ids', 'positions')
+
+
+class Preference:
+  """DPO and its variants (train/dpo.py) on pairs of responses to one prompt, a pair per example.
+
+  The batch holds each pair's two rows side by side, [B, 2, L] for every key of a language-model row ('tokens',
+  'targets', 'loss_mask' on the response's tokens only, 'segment_ids', 'positions'), chosen at index 0: a batch
+  never separates a pair. Both rows go through the model as one batch of 2B rows. The reference's sequence
+  log-probabilities (no gradient, evaluation mode) come from `reference`:
+    'frozen'        the frozen tree 'reference' (config.frozen.reference: 'init' is the run's starting
+                    parameters, the SFT model), a second copy of the model
+    'adapters_off'  the policy's own parameters with those `reference_zeroed` names (a regex; LoRA's lora_b by
+                    default) set to zero: the adapted model with its adapters off, no second copy
+    'precomputed'   the batch's 'ref_logps' [B, 2], computed once before training
+  Train and eval metrics: TRL's rewards/chosen, rewards/rejected, rewards/accuracies, rewards/margins,
+  logps/chosen, logps/rejected (means over pairs).
+  """
+  unit = 'examples'
+  eval_metrics = ('loss', 'rewards/chosen', 'rewards/rejected', 'rewards/accuracies', 'rewards/margins',
+                  'logps/chosen', 'logps/rejected', 'pairs')
+  REFERENCES = ('frozen', 'adapters_off', 'precomputed')
+
+  def __init__(self, loss: str = 'sigmoid', beta: float = 0.1, label_smoothing: float = 0.0,
+               reference: str = 'frozen', reference_zeroed: str = r'(.*/)?lora_b'):
+    dpo.check(loss, beta, label_smoothing)
+    if reference not in self.REFERENCES:
+      raise ValueError(f'task.reference={reference!r} is unknown; choose one of {list(self.REFERENCES)}.')
+    self.loss_name, self.beta, self.label_smoothing = loss, float(beta), float(label_smoothing)
+    self.reference = reference
+    self.zeroed = re.compile(reference_zeroed)
+    self.frozen_needs = ('reference',) if reference == 'frozen' else ()
+
+  def example_input(self, batch):
+    return batch['tokens'][:1, 0]
+
+  def _logps(self, model, params, batch, rng, train: bool):
+    """(sequence log-probabilities [B, 2], scored tokens [B, 2]) of both responses of every pair."""
+    b, _, length = batch['tokens'].shape
+    rows = {k: batch[k].reshape(2 * b, length) for k in PAIR_KEYS}
+    logits = model.apply({'params': params}, rows['tokens'], segment_ids=rows['segment_ids'],
+                         positions=rows['positions'], train=train,
+                         **({'rngs': {'dropout': rng}} if rng is not None else {}))
+    token_logps = -optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), rows['targets'])
+    weights = rows['loss_mask'].astype(jnp.float32)
+    return (token_logps * weights).sum(-1).reshape(b, 2), weights.sum(-1).reshape(b, 2)
+
+  def _reference_logps(self, model, params, frozen, batch):
+    if self.reference == 'precomputed':
+      return batch['ref_logps'].astype(jnp.float32)
+    if self.reference == 'frozen':
+      params = frozen['reference']
+    else:
+      flat = traverse_util.flatten_dict(params, sep='/')
+      zeroed = {k for k in flat if self.zeroed.fullmatch(k)}
+      if not zeroed:
+        raise ValueError(f'task.reference_zeroed={self.zeroed.pattern!r} matches no parameter, so the reference '
+                         f'would be the policy; names look like {next(iter(flat))!r}.')
+      params = traverse_util.unflatten_dict({k: jnp.zeros_like(v) if k in zeroed else v for k, v in flat.items()},
+                                            sep='/')
+    return jax.lax.stop_gradient(self._logps(model, params, batch, None, train=False)[0])
+
+  def _pairs(self, model, params, frozen, batch, rng, train: bool):
+    policy, tokens = self._logps(model, params, batch, rng, train)
+    reference = self._reference_logps(model, params, frozen, batch)
+    losses = dpo.pair_losses(self.loss_name, self.beta, self.label_smoothing, policy, reference, tokens)
+    weights = batch['mask'].astype(jnp.float32) if 'mask' in batch else jnp.ones(losses.shape, jnp.float32)
+    return (losses * weights).sum(), dpo.pair_sums(self.beta, policy, reference, weights), weights.sum()
+
+  def loss(self, model, params, frozen, batch, rng, train: bool):
+    loss_sum, sums, count = self._pairs(model, params, frozen, batch, rng, train)
+    return loss_sum, {**sums, 'weight': count}
+
+  def train_summary(self, sums):
+    count = jnp.maximum(sums['weight'], 1.0)
+    return {f'train/{k}': v for k, v in dpo.summary(sums, count).items()}
+
+  def eval_sums(self, model, params, frozen, batch):
+    loss_sum, sums, count = self._pairs(model, params, frozen, batch, None, train=False)
+    return {**sums, 'loss': loss_sum, 'count': count}
+
+  def eval_summary(self, sums: Mapping[str, float]) -> dict[str, float]:
+    count = max(float(sums['count']), 1.0)
+    return {'loss': sums['loss'] / count, **{k: float(v) for k, v in dpo.summary(sums, count).items()},
+            'pairs': sums['count']}
+
+  def train_flops_per_example(self, forward_flops: float, trainable_fraction: float = 1.0) -> float:
+    """A pair: both responses forward and backward, and both through the reference unless precomputed."""
+    reference = 0.0 if self.reference == 'precomputed' else 2.0 * forward_flops
+    return 2.0 * backprop_flops(forward_flops, trainable_fraction) + reference
+
+  def example_shape(self, image_size: int, channels: int, seq_len: int) -> tuple[int, ...]:
+    del image_size, channels
+    return (seq_len,)
+
+  def synthetic_batch(self, config, batch_size: int, input_shape: tuple[int, ...]) -> dict[str, np.ndarray]:
+    """Random pairs filling each row: a prompt of half the row, then the response (scored)."""
+    (seq_len,) = input_shape
+    rows = LanguageModel().synthetic_batch(config, 2 * batch_size, input_shape)
+    rows['loss_mask'][:, :seq_len // 2] = 0
+    out = {k: v.reshape(batch_size, 2, seq_len) for k, v in rows.items()}
+    if self.reference == 'precomputed':
+      out['ref_logps'] = np.full((batch_size, 2), -float(seq_len), np.float32)
+    return out
+
+
+OBJECTIVES = {'classification': Classification, 'language_model': LanguageModel, 'preference': Preference}
 
 
 def make_objective(task_config: Mapping[str, Any]):

@@ -4,6 +4,7 @@
                e.g. images and labels; see `formats.examples`
   packed_text  tokenized documents packed into rows of `seq_len`; see `formats.packed_text`
   chat         conversations through a chat template, trained on the assistant's replies; see `formats.chat`
+  preference   pairs of answers (chosen, rejected) to one prompt, side by side; see `formats.preference`
 
 `get_format(data_config)` looks the format up once and `data.pipeline` calls its methods. A new
 format subclasses `DataFormat` (in its own module) and is registered with `register(instance)`;
@@ -14,6 +15,7 @@ from .base import DataFormat
 from .chat import Chat
 from .examples import Examples
 from .packed_text import PackedText
+from .preference import Preference
 
 DEFAULT = 'examples'
 
@@ -46,6 +48,7 @@ def get_format(data_config) -> DataFormat:
 register(Examples())
 register(PackedText())
 register(Chat())
+register(Preference())
 
 __all__ = ['COMMON_DEFAULTS', 'DEFAULT', 'Chat', 'DataFormat', 'Examples', 'FORMATS', 'PackedText',
-           'get_format', 'register']
+           'Preference', 'get_format', 'register']

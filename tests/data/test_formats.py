@@ -11,7 +11,7 @@ from data.formats import base
 
 
 def test_registry_lists_the_formats_and_examples_is_the_default():
-  assert sorted(formats.FORMATS) == ['chat', 'examples', 'packed_text']
+  assert sorted(formats.FORMATS) == ['chat', 'examples', 'packed_text', 'preference']
   assert isinstance(formats.FORMATS['chat'], formats.Chat)
   assert isinstance(formats.FORMATS['examples'], formats.Examples)
   assert isinstance(formats.FORMATS['packed_text'], formats.PackedText)
@@ -32,7 +32,7 @@ def test_unknown_format_raises_one_line_naming_the_known_ones(call):
     call({'format': 'dialogue', 'name': 'digits'})
   msg = str(e.value)
   assert '\n' not in msg
-  assert "data.format='dialogue' is unknown; known formats: 'chat', 'examples', 'packed_text'." == msg
+  assert "data.format='dialogue' is unknown; known formats: 'chat', 'examples', 'packed_text', 'preference'." == msg
 
 
 def test_every_format_has_the_common_defaults_and_cfg_fills_them():
