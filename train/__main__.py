@@ -68,9 +68,12 @@ def _check_workdir(workdir: str) -> None:
 def _dry_run():
   from train import compute, memory
   import jax
+  if _HARDWARE.value and _HARDWARE.value not in memory.DEVICE_BYTES:  # Before minutes of compiling.
+    cli.fail(f'--hardware={_HARDWARE.value!r} is unknown; choose one of {sorted(memory.DEVICE_BYTES)}.')
   with cli.ending_failures(_TRACEBACK.value):
     hardware = _HARDWARE.value or compute.detect_hardware(jax.devices()[0])
-    print(memory.report(memory.account(_CONFIG.value), hardware if hardware != 'cpu' else None), flush=True)
+    print(memory.report(memory.account(_CONFIG.value), hardware if hardware in memory.DEVICE_BYTES else None),
+          flush=True)
 
 
 def main(argv):

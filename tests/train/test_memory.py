@@ -76,3 +76,11 @@ def test_dry_run_of_mistral_7b_at_the_command_line(tmp_path):
   assert gib['optimizer'] == pytest.approx(8 * params / 8 / 2 ** 30, rel=0.01)
   assert 'frozen' not in gib and gib['temporaries'] > gib['trainable']  # the gradients alone are as large
   assert re.search(r'of one tpu_v5e device \(16 GiB\): \d+%, (fits|does NOT fit)', out), out
+
+
+def test_an_unknown_hardware_is_one_line_before_anything_compiles():
+  env = dict(os.environ, JAX_NUM_CPU_DEVICES='1', JAX_PLATFORMS='cpu')
+  run = subprocess.run([sys.executable, '-m', 'train', '--config=configs/mistral_sft.py', '--dry_run',
+                        '--hardware=tpu_v9'], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert run.returncode == 2 and run.stderr.strip().splitlines()[-1] == (
+      "error: --hardware='tpu_v9' is unknown; choose one of ['h100', 'tpu_v4', 'tpu_v5e', 'tpu_v5p', 'tpu_v6e'].")
