@@ -3,7 +3,8 @@
 A new method is a new objective here (or an adapter, or a data format), never a branch in the loop or step.
 Each objective gives:
   frozen_needs                 names of frozen parameter trees it reads besides the trainable ones (e.g.
-                               ('reference',)); the config provides each in `config.frozen` (see train/loop.py).
+                               ('reference',) for DPO with a frozen copy); the config provides each in
+                               `config.frozen` (see train/loop.py).
   example_input(batch)         the model input of one example (shapes for init).
   loss(model, params, frozen, batch, rng, train) -> (loss_sum, sums)
                                the loss summed over the batch's units (examples, tokens, pairs) and additive
@@ -30,12 +31,11 @@ from collections.abc import Mapping
 import re
 from typing import Any
 
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-
-from flax import traverse_util
 
 from train import build, dpo
 
