@@ -3,12 +3,13 @@
   models/   imports nothing of ours outside models/ (a model works in a notebook with only Flax).
   data/     imports nothing of ours outside data/.
   train/    the runtime: imports models/ and data/, never train.study or train.tools.
-  train/study/  the compute-budget study: may import the runtime, not the tools.
-  train/tools/  launcher, weights, loading, sampling: may import the runtime, not the study, not each other
-                sideways except the shared run loader (train/tools/loader.py).
+  train/study/  the compute-budget study and the pipelines: may import the runtime, not the tools (a pipeline
+                runs a tool as its command, in its own process).
+  train/tools/  launcher, weights, loading, sampling, generation, judging: may import the runtime, not the
+                study, not each other sideways except the shared run loader (train/tools/loader.py).
   The loop, the step and the state name no model: they reach models only through train/build.py.
-The command entry points kept at train/{sweep,analyze,scaling,launch,convert,sample}.py are shims that only
-re-export and run the study's or the tools' modules.
+The command entry points kept at train/{sweep,analyze,scaling,launch,convert,sample,judge,generate,pipeline,
+reference_logps}.py are shims that only re-export and run the study's or the tools' modules.
 """
 import ast
 import pathlib
@@ -19,7 +20,7 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 OURS = ('models', 'data', 'train', 'configs', 'benchmarks')
 SHIMS = {'train/sweep.py', 'train/analyze.py', 'train/scaling.py', 'train/launch.py', 'train/convert.py',
-         'train/sample.py'}
+         'train/sample.py', 'train/judge.py', 'train/generate.py', 'train/pipeline.py', 'train/reference_logps.py'}
 
 
 def _modules(room: str) -> list[pathlib.Path]:

@@ -240,6 +240,11 @@ class Preference:
     weights = rows['loss_mask'].astype(jnp.float32)
     return (token_logps * weights).sum(-1).reshape(b, 2), weights.sum(-1).reshape(b, 2)
 
+  def sequence_logps(self, model, params, batch):
+    """Both answers' summed log-probabilities [B, 2] in evaluation mode: the reference's part (train.reference_logps
+    precomputes it with this)."""
+    return self._logps(model, params, batch, None, train=False)[0]
+
   def _reference_logps(self, model, params, frozen, batch):
     if self.reference == 'precomputed':
       return batch['ref_logps'].astype(jnp.float32)
@@ -253,7 +258,7 @@ class Preference:
                          f'would be the policy; names look like {next(iter(flat))!r}.')
       params = traverse_util.unflatten_dict({k: jnp.zeros_like(v) if k in zeroed else v for k, v in flat.items()},
                                             sep='/')
-    return jax.lax.stop_gradient(self._logps(model, params, batch, None, train=False)[0])
+    return jax.lax.stop_gradient(self.sequence_logps(model, params, batch))
 
   def _pairs(self, model, params, frozen, batch, rng, train: bool):
     policy, tokens = self._logps(model, params, batch, rng, train)

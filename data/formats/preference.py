@@ -8,10 +8,13 @@ Config fields and defaults (besides data_dir, shuffle, num_threads, prefetch: `C
   max_length         required        tokens per row: the prompt and one answer
   max_prompt_length  None            a longer prompt keeps its last max_prompt_length tokens (cut from the left)
   train_split        'train'         eval_split  'validation'
+  ref_logps          None            an .npz of the reference's log-probabilities of each pair (python -m
+                                     train.reference_logps writes it): each batch then holds 'ref_logps' [B, 2]
 
 Each answer is rendered after its prompt with the template, and the row is the prompt's tokens then the answer's,
 cut to max_length (the answer's end goes). The chosen row is [:, 0], the rejected one [:, 1]; a batch never
-separates them. Each row has the language-model features of 'chat' (tokens, segment_ids 1 on real tokens,
+separates them. With ref_logps, a pair's values are found by `pair_key` (a hash of both rows' tokens and loss masks,
+so a pair truncated otherwise than when they were computed is not found: an error says to recompute). Each row has the language-model features of 'chat' (tokens, segment_ids 1 on real tokens,
 positions, targets, loss_mask): loss_mask is 1 exactly where the target is a token of that row's own answer (its
 EOS included), 0 on the prompt and padding, so each answer is scored whole and on its own. A pair whose prompt
 alone fills max_length has no room for an answer: it is skipped. Every start prints one line per split with the
@@ -19,6 +22,7 @@ pairs kept, truncated and skipped. Eval batches are padded with empty pairs (`ma
 """
 from collections.abc import Callable, Iterator
 import collections
+import hashlib
 import json
 
 import grain
@@ -72,12 +76,45 @@ class EncodePair:
     return pair, 'truncated' if 'truncated' in states else 'kept'
 
 
+def pair_key(pair) -> str:
+  """What identifies an encoded pair: both rows' tokens and loss masks, as the model scores them."""
+  digest = hashlib.sha256(np.ascontiguousarray(pair['tokens'], np.int32).tobytes())
+  digest.update(np.ascontiguousarray(pair['loss_mask'], np.int32).tobytes())
+  return digest.hexdigest()
+
+
+class RefLogps:
+  """The reference log-probabilities of an .npz from `python -m train.reference_logps`: pair -> float32 [2]."""
+
+  def __init__(self, path: str):
+    from etils import epath
+    try:
+      with epath.Path(path).open('rb') as f:
+        stored = np.load(f)
+        keys, logps = stored['keys'], stored['logps']
+    except (OSError, KeyError, ValueError) as e:
+      raise ValueError(f'data.ref_logps={path!r} cannot be read ({e}); write it with python -m train.reference_logps '
+                       '--config=<this config> --out=PATH.') from None
+    self.path = path
+    self.values = {str(k): v.astype(np.float32) for k, v in zip(keys, logps)}
+
+  def __call__(self, pair) -> np.ndarray:
+    found = self.values.get(pair_key(pair))
+    if found is None:
+      raise ValueError(f'a pair is missing from data.ref_logps={self.path!r}: the data, template, tokenizer or '
+                       'max_length changed since it was written; rerun python -m train.reference_logps.')
+    return found
+
+
 class _Encoded:
-  def __init__(self, encode):
-    self.encode = encode
+  def __init__(self, encode, ref_logps: RefLogps | None = None):
+    self.encode, self.ref_logps = encode, ref_logps
 
   def __call__(self, example):
-    return self.encode(example)[0]
+    pair = self.encode(example)[0]
+    if self.ref_logps is not None:
+      pair = {**pair, 'ref_logps': self.ref_logps(pair)}
+    return pair
 
 
 class _Subset:
@@ -97,7 +134,8 @@ class Preference(base.DataFormat):
   """Preference pairs for DPO; see the module docstring."""
   name = 'preference'
   defaults = {**base.COMMON_DEFAULTS, 'files': None, 'on_bad_line': 'error', 'template': 'zephyr',
-              'tokenizer': 'bytes', 'max_prompt_length': None, 'train_split': 'train', 'eval_split': 'validation'}
+              'tokenizer': 'bytes', 'max_prompt_length': None, 'train_split': 'train', 'eval_split': 'validation',
+              'ref_logps': None}
 
   def _source(self, config, split_key):
     files = self.cfg(config, 'files')
@@ -136,6 +174,19 @@ class Preference(base.DataFormat):
                        'raise it or set data.max_prompt_length.')
     return kept, counts
 
+  def _ref_logps(self, config) -> RefLogps | None:
+    path = self.cfg(config, 'ref_logps')
+    return RefLogps(path) if path else None
+
+  def encoded_pairs(self, config, split_key: str):
+    """Every pair of the split that fits (train_split or eval_split), encoded, in order: what a reference pass
+    reads."""
+    encode = self._encode(config)
+    kept, _ = self._kept(config, split_key, encode, announce=True)
+    src = self._source(config, split_key)
+    for i in kept:
+      yield encode(src[i])[0]
+
   def train_iter(self, config, *, global_batch_size, seed, process_index, process_count):
     batch_size = base.local_batch_size(global_batch_size, process_count)
     encode = self._encode(config)
@@ -146,7 +197,7 @@ class Preference(base.DataFormat):
     ds = grain.MapDataset.source(_Subset(self._source(config, 'train_split'), kept[lo:hi]))
     if self.cfg(config, 'shuffle'):
       ds = ds.shuffle(seed=int(np.random.SeedSequence([seed, process_index]).generate_state(1)[0]))
-    pairs = ds.repeat().map(_Encoded(encode)).to_iter_dataset(self.read_options(config))
+    pairs = ds.repeat().map(_Encoded(encode, self._ref_logps(config))).to_iter_dataset(self.read_options(config))
     return iter(pairs.batch(batch_size, drop_remainder=True))
 
   def eval_iter(self, config, *, global_batch_size, process_index,
@@ -158,13 +209,16 @@ class Preference(base.DataFormat):
     bounds = [base.process_bounds(len(kept), p, process_count) for p in range(process_count)]
     num_batches = max(1, -(-max(hi - lo for lo, hi in bounds) // batch_size))
     lo, hi = bounds[process_index]
-    pairs = [encode(src[i])[0] for i in kept[lo:hi]]
+    encoded = _Encoded(encode, self._ref_logps(config))
+    pairs = [encoded(src[i]) for i in kept[lo:hi]]
     empty = {k: np.zeros((2, encode.max_length), np.int32) for k in FEATURES}
+    if encoded.ref_logps is not None:
+      empty['ref_logps'] = np.zeros(2, np.float32)
 
     def batches():
       for b in range(num_batches):
         chunk = [pairs[i] if i < len(pairs) else empty for i in range(b * batch_size, (b + 1) * batch_size)]
-        batch = {k: np.stack([p[k] for p in chunk]) for k in FEATURES}
+        batch = {k: np.stack([p[k] for p in chunk]) for k in empty}
         batch['mask'] = np.asarray([b * batch_size + i < len(pairs) for i in range(batch_size)])
         yield batch
 

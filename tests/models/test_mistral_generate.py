@@ -119,3 +119,95 @@ def test_temperature_without_rng_raises():
   model = mistral.Model(**KWARGS)
   with pytest.raises(ValueError, match='rng'):
     mistral.generate(model, {}, _prompt(1, 3), 2, temperature=0.7)
+
+
+LENGTHS = (3, 9, 17)  # longer than the window of 4, and with NEW tokens the rolling buffer wraps
+
+
+def _ragged(lengths=LENGTHS, pad=-7, seed=2) -> tuple[np.ndarray, list[np.ndarray]]:
+  """A right-padded batch (pad: an id outside the vocabulary) and its prompts alone."""
+  alone = [_prompt(1, n, seed + i)[0] for i, n in enumerate(lengths)]
+  batch = np.full((len(lengths), max(lengths)), pad, np.int32)
+  for row, p in zip(batch, alone):
+    row[:len(p)] = p
+  return batch, alone
+
+
+@pytest.mark.parametrize('scan, chunk', [(False, None), (True, 5)])
+def test_ragged_greedy_equals_each_prompt_alone_and_hf(scan, chunk):
+  params = _params(4, seed=2)
+  model = mistral.Model(**{**KWARGS, 'sliding_window': 4}, scan=scan)
+  run_params = mistral_weights.stack_layers(params) if scan else params
+  batch, alone = _ragged()
+  tokens, logprobs, _ = mistral.generate(model, run_params, batch, NEW, prompt_lengths=LENGTHS, pad_id=-1,
+                                         prefill_chunk=chunk, return_state=True)
+  tokens, logprobs = np.asarray(tokens), np.asarray(logprobs)
+  assert tokens.shape == (3, 17 + NEW) and logprobs.shape == (3, NEW)
+  hf = _hf(4, params)
+  for row, lp, p in zip(tokens, logprobs, alone):
+    want, want_lp, _ = mistral.generate(model, run_params, p[None], NEW, return_state=True)
+    np.testing.assert_array_equal(row[:len(p) + NEW], np.asarray(want)[0])
+    np.testing.assert_array_equal(row[len(p) + NEW:], -1)
+    np.testing.assert_allclose(lp, np.asarray(want_lp)[0], atol=1e-5, rtol=0)
+    with torch.no_grad():
+      want_hf = hf.generate(torch.from_numpy(p[None]).long(), max_new_tokens=NEW, min_new_tokens=NEW,
+                            do_sample=False, attention_mask=torch.ones((1, len(p)), dtype=torch.long))
+    np.testing.assert_array_equal(row[:len(p) + NEW], want_hf.numpy()[0])
+
+
+def test_ragged_sampling_with_row_keys_equals_each_row_alone():
+  params = _params(4, seed=3)
+  model = mistral.Model(**{**KWARGS, 'sliding_window': 4})
+  batch, alone = _ragged(seed=5)
+  keys = jax.random.split(jax.random.key(7), 3)
+  options = dict(temperature=0.9, top_p=0.9)
+  tokens = np.asarray(mistral.generate(model, params, batch, NEW, prompt_lengths=LENGTHS, rng=keys, **options))
+  for row, p, key in zip(tokens, alone, keys):
+    want = mistral.generate(model, params, p[None], NEW, rng=key, **options)
+    np.testing.assert_array_equal(row[:len(p) + NEW], np.asarray(want)[0])
+  # A batch of one key per row is the same as that one key (raw uint32 keys too).
+  raw = jax.random.PRNGKey(3)
+  one = mistral.generate(model, params, alone[0][None], NEW, rng=raw, **options)
+  np.testing.assert_array_equal(np.asarray(mistral.generate(model, params, alone[0][None], NEW, rng=raw[None],
+                                                            **options)), np.asarray(one))
+  greedy = np.asarray(mistral.generate(model, params, batch, NEW, prompt_lengths=LENGTHS))
+  assert (tokens != greedy).any()  # the samples do differ from the argmax
+
+
+def test_eos_stops_a_row_and_pads_after_it():
+  params = _params(4, seed=2)
+  model = mistral.Model(**{**KWARGS, 'sliding_window': 4})
+  batch, _ = _ragged()
+  free, free_lp, _ = mistral.generate(model, params, batch, NEW, prompt_lengths=LENGTHS, return_state=True)
+  free, free_lp = np.asarray(free), np.asarray(free_lp)
+  # EOS: the token row 1 emits 4th, chosen so that it appears in no other row's first 4 tokens.
+  first = [free[r, n:n + NEW] for r, n in enumerate(LENGTHS)]
+  eos = int(first[1][3])
+  stop = [int(np.argmax(g == eos)) + 1 if (g == eos).any() else NEW for g in first]
+  assert stop[1] <= 4 and min(stop) < NEW and max(stop) > stop[1], stop
+  got, lp, _ = mistral.generate(model, params, batch, NEW, prompt_lengths=LENGTHS, eos_id=eos, pad_id=60,
+                                return_state=True)
+  got, lp = np.asarray(got), np.asarray(lp)
+  for r, n in enumerate(LENGTHS):
+    k = stop[r]
+    np.testing.assert_array_equal(got[r, :n + k], free[r, :n + k])  # up to and including its EOS
+    np.testing.assert_array_equal(got[r, n + k:], 60)
+    np.testing.assert_allclose(lp[r, :k], free_lp[r, :k], atol=1e-6, rtol=0)
+    np.testing.assert_array_equal(lp[r, k:], 0.0)
+
+
+@pytest.mark.parametrize('lengths, message', [
+    ((0, 3), r'prompt_lengths must lie in \[1, 4\]'),
+    ((2, 5), r'prompt_lengths must lie in \[1, 4\]'),
+    ((2, 3, 4), r'prompt_lengths must be integers of shape \(2,\)'),
+    ((2.0, 3.0), r'prompt_lengths must be integers of shape \(2,\)'),
+])
+def test_bad_prompt_lengths_raise(lengths, message):
+  with pytest.raises(ValueError, match=message):
+    mistral.generate(mistral.Model(**KWARGS), {}, _prompt(2, 4), 2, prompt_lengths=lengths)
+
+
+def test_wrong_number_of_row_keys_raises():
+  with pytest.raises(ValueError, match='rng holds 3 keys for 2 prompt rows'):
+    mistral.generate(mistral.Model(**KWARGS), {}, _prompt(2, 4), 2, temperature=1.0,
+                     rng=jax.random.split(jax.random.key(0), 3))

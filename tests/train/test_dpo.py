@@ -200,3 +200,35 @@ def test_a_dpo_run_starts_at_log_2_and_adapters_off_equals_a_frozen_copy(tiny_mi
       assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-6), k
   assert 'reference' in results['copy']['frozen'] and 'reference' not in results['off']['frozen']
   assert 0 < results['off']['eval']['eval/pairs'] and np.isfinite(results['off']['eval']['eval/loss'])
+
+
+def test_precomputed_reference_logps_train_as_a_frozen_reference(tiny_mistral_config, tmp_path):
+  """`python -m train.reference_logps`'s pass: a DPO run from a finished run (its init_params) reading the stored
+  reference log-probabilities trains exactly as one holding a frozen copy of that run; a pair encoded otherwise
+  (another max_length) is not found, and says so."""
+  import copy
+  from train import loop
+  from train.tools import reference_logps
+  start = _dpo_config(tiny_mistral_config, tmp_path)
+  start.total_steps = start.checkpoint_every_steps = start.eval_every_steps = 2
+  start.frozen = ml_collections.ConfigDict({'reference': 'init'})
+  loop.train(start, str(tmp_path / 'sft'), devices=jax.devices()[:1])
+  frozen = copy.deepcopy(start)
+  frozen.init_params = str(tmp_path / 'sft')
+  stored = copy.deepcopy(frozen)
+  del stored.frozen
+  stored.task.reference = 'precomputed'
+  stored.data.ref_logps = str(tmp_path / 'ref.npz')
+  keys, logps = reference_logps.compute(stored, batch_size=4)
+  assert len(keys) == len(set(keys)) > 8 and logps.shape == (len(keys), 2) and np.all(logps < 0)
+  reference_logps.write(stored.data.ref_logps, keys, logps)
+  loop.train(frozen, str(tmp_path / 'frozen'), devices=jax.devices()[:1])
+  loop.train(stored, str(tmp_path / 'stored'), devices=jax.devices()[:1])
+  for a, b in zip(_train_metrics(tmp_path / 'frozen'), _train_metrics(tmp_path / 'stored'), strict=True):
+    assert a.keys() == b.keys()
+    for k in a:
+      assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-6), k
+  other = copy.deepcopy(stored)
+  other.data.max_length = 40
+  with pytest.raises(ValueError, match='missing from data.ref_logps=.*rerun python -m train.reference_logps'):
+    loop.train(other, str(tmp_path / 'other'), devices=jax.devices()[:1])

@@ -6,6 +6,9 @@ the EMA copy when the run kept one: train/runs.py and train/state.py decide) or 
 `input_shape` asks for another one (a ViT at a new resolution): a model module that can adapt its parameters
 to it offers `adapt_params(params, target_shapes, model_kwargs)` (ViT resamples its position embedding), and the
 loader calls it without knowing which model it is. `train.sample` and `train.convert export` use it.
+
+The text tools (sample, generate, judge) share two checks here, the one module they may all import:
+`language_model(path)` (does the path hold a model that writes text, with a tokenizer?) and `check_sampling`.
 """
 import dataclasses
 import os
@@ -77,3 +80,29 @@ def load(workdir: str, step: int | None = None):
   """(config, model, params, step): `load_run` as a tuple, as train.sample.load always gave it."""
   run = load_run(workdir, step)
   return run.config, run.model, run.params, run.step
+
+
+def language_model(path: str):
+  """(config, the model's module) of the run or imported model in `path`, read from its config.json before
+  anything is restored; ValueError when it holds no model that generates text with a tokenizer."""
+  config = runs.read_config(path)
+  module = build.model_module(config)
+  if not hasattr(module, 'generate'):
+    raise ValueError(f'{path} holds a {config.model_name!r} model, which does not generate text; point '
+                     '--workdir at a language model\'s workdir (e.g. one of configs/mistral_tiny.py).')
+  if not (config.get('data') or {}).get('tokenizer'):
+    raise ValueError(f'{path} names no tokenizer (config.json data.tokenizer); an imported model needs '
+                     'tokenizer.model in the source directory.')
+  return config, module
+
+
+def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None) -> None:
+  """ValueError, one line, for sampling options out of range."""
+  if max_new_tokens < 1:
+    raise ValueError(f'--max_new_tokens={max_new_tokens}: generate at least 1 token.')
+  if not temperature >= 0:
+    raise ValueError(f'--temperature={temperature} must be >= 0 (0 for greedy decoding).')
+  if top_k is not None and top_k < 1:
+    raise ValueError(f'--top_k={top_k} must be at least 1 (leave it unset to keep every token).')
+  if top_p is not None and not 0 < top_p <= 1:
+    raise ValueError(f'--top_p={top_p} must be in (0, 1] (1 keeps every token).')

@@ -45,31 +45,8 @@ def define_flags() -> None:
   flags.mark_flag_as_required('workdir')
 
 
-def check_options(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None) -> None:
-  """ValueError, one line, for sampling options out of range."""
-  if max_new_tokens < 1:
-    raise ValueError(f'--max_new_tokens={max_new_tokens}: generate at least 1 token.')
-  if not temperature >= 0:
-    raise ValueError(f'--temperature={temperature} must be >= 0 (0 for greedy decoding).')
-  if top_k is not None and top_k < 1:
-    raise ValueError(f'--top_k={top_k} must be at least 1 (leave it unset to keep every token).')
-  if top_p is not None and not 0 < top_p <= 1:
-    raise ValueError(f'--top_p={top_p} must be in (0, 1] (1 keeps every token).')
-
-
-def language_model(path: str):
-  """(config, the model's module) of the run or imported model in `path`, read from its config.json before
-  anything is restored; ValueError when it holds no model that generates text with a tokenizer."""
-  from train import build, runs
-  config = runs.read_config(path)
-  module = build.model_module(config)
-  if not hasattr(module, 'generate'):
-    raise ValueError(f'{path} holds a {config.model_name!r} model, which does not generate text; point '
-                     '--workdir at a language model\'s workdir (e.g. one of configs/mistral_tiny.py).')
-  if not (config.get('data') or {}).get('tokenizer'):
-    raise ValueError(f'{path} names no tokenizer (config.json data.tokenizer); an imported model needs '
-                     'tokenizer.model in the source directory.')
-  return config, module
+check_options = loader.check_sampling  # The names this module always offered.
+language_model = loader.language_model
 
 
 def continuation(run, module, tokenizer, prompt: str, max_new_tokens: int, *, temperature: float = TEMPERATURE,
