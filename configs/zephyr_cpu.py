@@ -41,14 +41,14 @@ STAGES = ('teacher', 'dsft', 'ddpo')
 
 def _sizes(tiny: bool) -> dict:
   if tiny:
-    return dict(seed=24, aif=16, heldout=8, teacher_steps=8, dsft_steps=8, ddpo_steps=6, new_tokens=24, seq_len=128)
+    return dict(seed=80, aif=48, heldout=8, teacher_steps=8, dsft_steps=8, ddpo_steps=12, new_tokens=24, seq_len=256)
   return dict(seed=512, aif=384, heldout=160, teacher_steps=250, dsft_steps=160, ddpo_steps=120, new_tokens=256,
               seq_len=512)
 
 
 def get_config(arg=None):
   """One stage's training run: stage=teacher, dsft or ddpo (data.files and init_params are set by the pipeline)."""
-  arg = common.parse_arg(arg, stage='ddpo', tiny=False, reference='frozen')
+  arg = common.parse_arg(arg, stage='ddpo', tiny=False, reference='frozen', ddpo_lr=1e-4)
   if arg.stage not in STAGES:
     raise ValueError(f'stage={arg.stage!r} is not a training stage of this pipeline; choose one of {list(STAGES)}.')
   size = _sizes(arg.tiny)
@@ -65,6 +65,7 @@ def get_config(arg=None):
   c.log_every_steps = max(1, steps // 20)
   c.schedule = common.schedule(base_learning_rate=1e-3, warmup_steps=max(1, steps // 10))
   if arg.stage == 'dsft':
+    c.data.eval_split = 'validation+test'  # the teacher's answers to 10% of the seed prompts, by hash
     return c
   # dDPO (§4.4: beta 0.1, linear decay, 10% warmup, AdamW without weight decay); a learning rate for a tiny model
   # trained from scratch, where the paper's 5e-7 would leave a 7B model's reward margins ~0 after 120 steps here.
@@ -79,7 +80,7 @@ def get_config(arg=None):
   else:
     c.data.ref_logps = common.optional(str, '')  # set by the pipeline
   c.model.embed_noise_alpha = 0.0
-  c.schedule = common.schedule(base_learning_rate=1e-4, warmup_steps=max(1, steps // 10), decay='linear')
+  c.schedule = common.schedule(base_learning_rate=arg.ddpo_lr, warmup_steps=max(1, steps // 10), decay='linear')
   c.eval_at_start = True
   return c
 
@@ -98,9 +99,9 @@ def _generate(name, workdir, prompts, source, temperature, size, step=None, seed
 
 def get_pipeline(arg=None) -> list[dict]:
   """The stages in order; '{name}' in a value is stage `name`'s output (a workdir or a .jsonl file)."""
-  arg = common.parse_arg(arg, tiny=False, reference='frozen')
+  arg = common.parse_arg(arg, tiny=False, reference='frozen', ddpo_lr=1e-4)
   size = _sizes(arg.tiny)
-  this = f'configs/zephyr_cpu.py:tiny={arg.tiny},reference={arg.reference}'
+  this = f'configs/zephyr_cpu.py:tiny={arg.tiny},reference={arg.reference},ddpo_lr={arg.ddpo_lr}'
   heldout = _stage('heldout_prompts', 'prompts', dataset='chat/stdlib', split='validation+test', count=size['heldout'], offset=0,
                    answers=False)
   dsft_half = max(1, size['dsft_steps'] // 2)

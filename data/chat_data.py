@@ -127,11 +127,11 @@ class ChatConfig(tfds.core.BuilderConfig):
 
 def files_config(files: str, on_bad_line: str = 'error', what: str = 'Chat') -> ChatConfig:
   """A config for the JSONL glob `files` (of `what`: also preference pairs, data/preference_data.py), named
-  `custom_<hash of the glob and on_bad_line>`."""
+  `custom_<hash of the files' fingerprint (text.fingerprint: paths, sizes, times) and on_bad_line>`."""
   if on_bad_line not in ('error', 'skip'):
     raise ValueError(f"data.on_bad_line={on_bad_line!r} is unknown; use 'error' or 'skip'.")
   files = os.path.expanduser(files)
-  digest = hashlib.sha256(f'{files}|{on_bad_line}'.encode('utf-8')).hexdigest()[:10]
+  digest = hashlib.sha256(f'{text.fingerprint(files)}|{on_bad_line}'.encode('utf-8')).hexdigest()[:10]
   return ChatConfig(name=f'custom_{digest}', files=files, on_bad_line=on_bad_line,
                     description=f'{what} JSONL files matching {files!r}.')
 
@@ -174,7 +174,8 @@ class Chat(tfds.core.GeneratorBasedBuilder):
         continue
       seen.add(key)
       splits[split_of(key)].append((key, messages, source))
-    return {name: self._generate_examples(items) for name, items in splits.items()}
+    # TFDS refuses an empty split; one that a small file leaves empty is absent (reading it names it).
+    return {name: self._generate_examples(items) for name, items in splits.items() if items}
 
   def _generate_examples(self, items):
     for key, messages, source in items:

@@ -67,7 +67,7 @@ def parse_pair(line: str, where: str):
 
 
 def files_config(files: str, on_bad_line: str = 'error') -> chat_data.ChatConfig:
-  """A config for the JSONL glob `files`, named `custom_<hash of the glob and on_bad_line>`."""
+  """A config for the JSONL glob `files`, named as chat_data.files_config names it (the files' fingerprint)."""
   return chat_data.files_config(files, on_bad_line, what='Preference')
 
 

@@ -16,6 +16,9 @@ OWN_BUILDERS = (chat_data.Chat.name, digits.Digits.name, preference_data.Prefere
                 textures.Textures.name)
 
 
+OWN_SPLITS = ('train', 'validation', 'test')  # What our builders split into, by hash.
+
+
 def _where(data_dir) -> str:
   return data_dir or os.environ.get('TFDS_DATA_DIR') or '~/tensorflow_datasets'
 
@@ -56,7 +59,12 @@ def get_source(name: str, split: str, data_dir: str | None = None, *,
     raise FileNotFoundError(
         f'TFDS dataset {name!r} at {builder.data_dir} has no ArrayRecord files (it is stored as '
         f'{info.file_format.value}); re-prepare it with {_build_hint(name, data_dir)}.')
-  names = [p.split('[')[0].strip() for p in split.split('+')] if isinstance(split, str) else []
+  parts = [p.strip() for p in split.split('+')] if isinstance(split, str) else []
+  names = [p.split('[')[0].strip() for p in parts]
+  if builder.name in OWN_BUILDERS and len(parts) > 1 and any(n in info.splits for n in names):
+    # Our builders leave out a split the data leaves empty (TFDS stores none): in a sum, it adds nothing.
+    kept = [p for p, n in zip(parts, names) if n in info.splits or n not in OWN_SPLITS]
+    split, names = '+'.join(kept), [p.split('[')[0].strip() for p in kept]
   unknown = [s for s in names if s not in info.splits]
   if unknown:
     raise ValueError(f'Unknown split {unknown[0]!r} of TFDS dataset {name!r}; available '

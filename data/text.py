@@ -10,7 +10,8 @@ Builder configs (select with `tfds.builder('local_text/<config>')`):
           prepared `custom` copy is reused as-is whatever the variable says later, so use one
           data_dir per corpus, or prefer the next form.
   custom_<hash>  made by `files_config(glob)` (the LM pipeline's `files` field does this): the
-          config name carries a hash of the glob, so different corpora never share a prepared copy.
+          config name carries a hash of the glob and of each matched file's path, size and modification
+          time (`fingerprint`), so different corpora, or one edited, never share a prepared copy.
 
 Features: `text` (str, the file decoded as UTF-8, undecodable bytes replaced by U+FFFD) and `path`
 (str, the path relative to the corpus root: the stdlib directory, or the glob's directory prefix).
@@ -65,6 +66,18 @@ def resolve(files: str | None) -> tuple[str, list[str]]:
   return root, paths
 
 
+def fingerprint(files: str) -> str:
+  """What names the prepared copy of the files a glob matches: the glob, and each file's path, size and modification
+  time, so that editing, adding or removing a file prepares the data again rather than reading a stale copy (which
+  stays in the data_dir until deleted)."""
+  root, paths = resolve(files)
+  digest = hashlib.sha256(os.path.expanduser(files).encode('utf-8'))
+  for path in paths:
+    stat = os.stat(path)
+    digest.update(f'\0{os.path.relpath(path, root)}\0{stat.st_size}\0{stat.st_mtime_ns}'.encode('utf-8'))
+  return digest.hexdigest()[:10]
+
+
 def split_of(path: str) -> str:
   """'validation' or 'train' for a corpus-relative path (the documented hash rule)."""
   h = int(hashlib.sha256(path.encode('utf-8')).hexdigest()[:8], 16)
@@ -90,9 +103,8 @@ class LocalTextConfig(tfds.core.BuilderConfig):
 
 
 def files_config(files: str) -> LocalTextConfig:
-  """A config for the glob/directory `files`, named `custom_<hash of the glob>`."""
-  digest = hashlib.sha256(os.path.expanduser(files).encode('utf-8')).hexdigest()[:10]
-  return LocalTextConfig(name=f'custom_{digest}', files=files,
+  """A config for the glob/directory `files`, named `custom_<fingerprint of the files>`."""
+  return LocalTextConfig(name=f'custom_{fingerprint(files)}', files=files,
                          description=f'Text files matching {files!r}.')
 
 

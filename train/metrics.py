@@ -36,8 +36,8 @@ class MetricWriter:
     self._events = _EventWriter(os.path.join(workdir, 'tensorboard')) if enabled and tensorboard else None
 
   def truncate_after(self, step: int) -> None:
-    """Keeps the history up to `step` so a resumed run rewrites the rest exactly once. At step 0 nothing is
-    kept: such a run has trained nothing, and rewrites eval_at_start's record at step 0 itself."""
+    """Keeps the history up to `step` so a resumed run rewrites the rest exactly once: eval_at_start's record at
+    step 0 included. At step 0 nothing is kept: such a run has trained nothing, and rewrites that record itself."""
     if not self.enabled:
       return
     if self._events:
@@ -50,7 +50,7 @@ class MetricWriter:
     if torn:
       print(f'note: dropped the torn last line {torn} of {self.path} (a write cut short, e.g. by a full disk); '
             'the resumed run writes that step again.', file=self.stream, flush=True)
-    kept = ''.join(json.dumps(r) + '\n' for r in records if 0 < r['step'] <= step)
+    kept = ''.join(json.dumps(r) + '\n' for r in records if step > 0 and r['step'] <= step)
     if paths.is_url(self.path):  # One upload replaces the object whole.
       self._text = kept
       file.write_text(self._text)

@@ -240,3 +240,26 @@ def test_unknown_template_or_packing_is_one_line(tmp_path, small_corpus):
     pipeline.make_train_iter(_rows_config(tmp_path, small_corpus, template='llama'), global_batch_size=4, seed=0)
   with pytest.raises(ValueError, match="data.packing='greedy' is unknown"):
     pipeline.make_train_iter(_rows_config(tmp_path, small_corpus, packing='greedy'), global_batch_size=4, seed=0)
+
+
+def test_a_split_sum_reads_past_a_split_the_data_leaves_empty(tmp_path):
+  """Our builders store no empty split; in a sum such as 'validation+test' it adds nothing (a small file of
+  teacher answers in a pipeline), while the empty split alone is still an error naming the splits present."""
+  import json as json_lib
+  from data import chat_data, sources
+  rows, splits = [], []
+  for i in range(400):
+    messages = [{'role': 'user', 'content': f'question {i}'}, {'role': 'assistant', 'content': f'answer {i}'}]
+    split = chat_data.split_of(json_lib.dumps(messages, sort_keys=True))  # the builder's key
+    if split == 'validation':
+      continue
+    rows.append(messages)
+    splits.append(split)
+    if len(rows) == 40 and 'test' in splits:
+      break
+  (tmp_path / 'c.jsonl').write_text(''.join(json_lib.dumps({'messages': m}) + '\n' for m in rows))
+  config = chat_data.files_config(str(tmp_path / 'c.jsonl'))
+  src = sources.get_source('chat', 'validation+test', str(tmp_path / 'tfds'), builder_config=config)
+  assert len(src) == splits.count('test') > 0
+  with pytest.raises(ValueError, match="Unknown split 'validation' of TFDS dataset 'chat'; available splits: test, train"):
+    sources.get_source('chat', 'validation', str(tmp_path / 'tfds'), builder_config=config)

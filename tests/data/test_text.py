@@ -57,10 +57,19 @@ def test_custom_config_reads_the_glob_from_the_environment(text_corpus, tmp_path
     tfds.builder('local_text/custom', data_dir=str(tmp_path / 'other')).download_and_prepare()
 
 
-def test_files_config_name_depends_on_the_glob():
+def test_files_config_name_depends_on_the_glob_and_the_files(tmp_path):
   a, b = text.files_config('/x/*.txt'), text.files_config('/y/*.txt')
   assert a.name.startswith('custom_') and a.name != b.name
   assert a.name == text.files_config('/x/*.txt').name
+  # A file rewritten in place (a pipeline stage run again) is prepared again, never read from the stale copy.
+  from data import chat_data
+  path = tmp_path / 'chat.jsonl'
+  path.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
+  names = [text.files_config(str(tmp_path / '*.jsonl')).name, chat_data.files_config(str(path)).name]
+  assert names == [text.files_config(str(tmp_path / '*.jsonl')).name, chat_data.files_config(str(path)).name]
+  path.write_text('{"messages": [{"role": "user", "content": "hello"}]}\n')
+  assert text.files_config(str(tmp_path / '*.jsonl')).name != names[0]
+  assert chat_data.files_config(str(path)).name != names[1]
 
 
 def test_default_config_is_the_stdlib_top_level_py_files():

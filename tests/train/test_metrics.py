@@ -119,6 +119,19 @@ def test_a_run_restored_at_step_0_rewrites_its_step_0_record(tmp_path):
   assert metrics_lib.read_metrics(str(tmp_path)) == [{'step': 0, 'eval/loss': 2.0}]
 
 
+def test_a_run_restored_later_keeps_its_step_0_record(tmp_path):
+  """eval_at_start's numbers (the held-out loss before training) survive a resume from a later checkpoint."""
+  writer = metrics_lib.MetricWriter(str(tmp_path))
+  for step, record in ((0, {'eval/loss': 2.0}), (1, {'train/loss': 1.0}), (2, {'train/loss': 0.5}),
+                       (3, {'train/loss': 0.4})):
+    writer.write(step, record)
+  writer.close()
+  again = metrics_lib.MetricWriter(str(tmp_path))
+  again.truncate_after(2)
+  again.close()
+  assert [r['step'] for r in metrics_lib.read_metrics(str(tmp_path))] == [0, 1, 2]
+
+
 # TensorBoard
 
 def _tensorboard(directory) -> dict[str, list[tuple[int, float]]]:

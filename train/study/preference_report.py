@@ -104,6 +104,8 @@ def stage_times(workdir: str) -> dict[str, tuple[float, int, int]]:
   times = {}
   path = os.path.join(workdir, 'stages.jsonl')
   for r in (_rows(path) if os.path.exists(path) else []):
+    if r['kind'] == 'report':  # the report's own attempt is running as it writes
+      continue
     seconds, started, ended = times.get(r['stage'], (0.0, 0, 0))
     if 'started' in r:
       times[r['stage']] = (seconds, started + 1, ended)

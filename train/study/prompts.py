@@ -26,6 +26,11 @@ def _first_turn(messages: list[dict], answers: bool) -> list[dict]:
 
 
 @functools.cache  # The pipeline's prompt stages read one set several times.
+def _every(dataset: str) -> tuple[tuple[str, list[dict]], ...]:
+  from data import chat_data
+  return tuple(chat_data.stdlib_conversations())
+
+
 def conversations(dataset: str, split: str) -> tuple[tuple[str, list[dict]], ...]:
   if dataset not in DATASETS:
     raise ValueError(f'prompts stage: dataset {dataset!r} is not embedded; choose one of {list(DATASETS)}, or give '
@@ -36,7 +41,7 @@ def conversations(dataset: str, split: str) -> tuple[tuple[str, list[dict]], ...
   if unknown:
     raise ValueError(f'prompts stage: split {split!r} names {sorted(unknown)}; use train, validation, test or a '
                      'sum such as validation+test.')
-  found = [(key, m) for key, m in chat_data.stdlib_conversations() if chat_data.split_of(key) in wanted]
+  found = [(key, m) for key, m in _every(dataset) if chat_data.split_of(key) in wanted]
   return tuple(sorted(found, key=lambda item: hashlib.sha256(item[0].encode()).hexdigest()))
 
 

@@ -48,7 +48,7 @@ def test_the_plan_resolves_each_stage_to_its_command(tmp_path):
   outputs = {s.name: pipeline.output(s, str(tmp_path)) for s in stages}
   by_name = {s.name: s for s in stages}
   ddpo = pipeline.command(by_name['ddpo'], str(tmp_path), outputs)
-  assert ddpo[1:4] == ['-m', 'train', f'--config={ROOT}/configs/zephyr_cpu.py:tiny=True,reference=frozen,stage=ddpo']
+  assert ddpo[1:4] == ['-m', 'train', f'--config={ROOT}/configs/zephyr_cpu.py:tiny=True,reference=frozen,ddpo_lr=0.0001,stage=ddpo']
   assert f'--config.init_params={tmp_path}/dsft' in ddpo and f'--config.data.files={tmp_path}/pairs.jsonl' in ddpo
   judge = pipeline.command(by_name['pairs'], str(tmp_path), outputs)
   assert judge[2] == 'train.judge' and judge[-1] == f'--out={tmp_path}/pairs.jsonl'
@@ -71,3 +71,61 @@ def test_win_rate_and_its_wilson_interval_against_scipy(tmp_path):
   assert preference_report.wilson(23, 37) == pytest.approx((ci.low, ci.high), abs=1e-6)
   loss = preference_report.sft_loss(str(tmp_path / 'w.jsonl'))
   assert loss['loss'] == pytest.approx(-sum(r['score'] * r['num_tokens'] for r in rows) / sum(r['num_tokens'] for r in rows))
+
+
+def _pipeline(workdir, env, **kw):
+  return [sys.executable, '-m', 'train.pipeline', '--config=configs/zephyr_cpu.py:tiny=True', f'--workdir={workdir}']
+
+
+def _results(workdir) -> str:
+  text = (workdir / 'report.md').read_text()
+  return text[text.index('## Results'):text.index('## Wall time')]
+
+
+def _running(marker: str) -> bool:
+  for pid in filter(str.isdigit, os.listdir('/proc')):
+    try:
+      with open(f'/proc/{pid}/cmdline', 'rb') as f:
+        if marker.encode() in f.read():
+          return True
+    except OSError:
+      continue
+  return False
+
+
+def test_zephyr_cpu_killed_in_its_dpo_stage_resumes_to_the_same_report(tmp_path, one_device_env, wait_for_checkpoint):
+  """configs/zephyr_cpu.py:tiny=True end to end (every stage, each in its process), then its DPO stage and all after
+  it again in a copy: the pipeline killed (kill -9) once the DPO run saved a checkpoint takes its running stage
+  with it, and the same command rerun skips the stages done, resumes the DPO run and writes the same results."""
+  env = dict(one_device_env(), TFDS_DATA_DIR=str(tmp_path / 'tfds'))
+  straight, killed = tmp_path / 'straight', tmp_path / 'killed'
+  done = subprocess.run(_pipeline(straight, env), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+  assert (straight / 'report.png').stat().st_size > 10_000
+  results = _results(straight)
+  assert '**' in results and '| dDPO student |' in results
+
+  # Everything before the DPO stage as the straight run left it; the DPO stage and the rest to do again.
+  names = [s.name for s in pipeline.plan('configs/zephyr_cpu.py:tiny=True')]
+  again = names[names.index('ddpo'):]
+  shutil.copytree(straight, killed, ignore=lambda d, files: [
+      f for f in files if d == str(straight) and (f.split('.')[0] in again or f in ('stages.jsonl', 'report.md'))]
+      if d == str(straight) else [f for f in files if f.split('.')[0] in again] if d.endswith('stages') else [])
+  assert not (killed / 'ddpo').exists() and (killed / 'pairs.jsonl').exists()
+  victim = subprocess.Popen(_pipeline(killed, env), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+  wait_for_checkpoint(victim, killed / 'ddpo', 6)
+  victim.send_signal(signal.SIGKILL)
+  victim.wait()
+  deadline = time.time() + 20
+  while _running(str(killed / 'ddpo')):  # The stage dies with the pipeline (PR_SET_PDEATHSIG).
+    assert time.time() < deadline, 'the DPO stage outlived its killed pipeline'
+    time.sleep(0.1)
+  assert not (killed / 'ddpo' / 'checkpoints' / '12').exists(), 'the DPO run finished before the kill; lengthen it'
+  rerun = subprocess.run(_pipeline(killed, env), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+  assert '[pipeline] pairs: done, skipped' in rerun.stdout and '[pipeline] teacher: done, skipped' in rerun.stdout
+  assert 'resumed from' in rerun.stdout
+  assert _results(killed) == results
+  times = preference_report.stage_times(str(killed))
+  assert times['ddpo'][1:] == (2, 1) and 'teacher' not in times  # started twice, ended once; nothing before redone
