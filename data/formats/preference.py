@@ -178,6 +178,10 @@ class Preference(base.DataFormat):
     path = self.cfg(config, 'ref_logps')
     return RefLogps(path) if path else None
 
+  def split_counts(self, config, split_key: str) -> collections.Counter:
+    """How many pairs of the split are kept whole, truncated, or skipped (what each start prints)."""
+    return self._kept(config, split_key, self._encode(config), announce=False)[1]
+
   def encoded_pairs(self, config, split_key: str):
     """Every pair of the split that fits (train_split or eval_split), encoded, in order: what a reference pass
     reads."""

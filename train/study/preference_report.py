@@ -7,8 +7,8 @@ Results (a function of the stages' outputs only, so a resumed pipeline writes th
   reward accuracy  the DPO run's `eval/rewards/accuracies` on its held-out pairs, before and after training.
   SFT loss  each model's held-out loss: minus the token-weighted mean of its per-token log-likelihoods of the
             held-out answers (`python -m train.judge` scores with the model as the judge), and its exponential.
-  data      rows, finished answers (ended at EOS) and mean length of each generated file; pairs made and prompts
-            skipped by the judge.
+  data      rows, prompts skipped, finished answers (ended at EOS) and mean length of each generated file; pairs
+            made and prompts skipped by the judge; the DPO run's pairs kept, truncated and skipped per split.
 Then the wall time of each stage (every attempt, summed; a resumed stage has several), which differs run to run.
 """
 import collections
@@ -82,11 +82,24 @@ def dpo_evals(run: str) -> tuple[dict, dict]:
   return pick(evals[0]), pick(evals[-1])
 
 
-def generated(path: str) -> dict:
+def generated(path: str, prompts: str) -> dict:
+  """A generation stage's output `path` from the prompt file `prompts`: rows, prompts answered and skipped (too
+  long for the model: train.generate's log says so), answers ended at EOS, mean answer length."""
   rows = _rows(path)
   finished = sum(bool(r.get('finished')) for r in rows)
   lengths = [r['num_tokens'] for r in rows if 'num_tokens' in r]
-  return dict(rows=len(rows), finished=finished, mean_tokens=sum(lengths) / max(len(lengths), 1))
+  answered = len({r['prompt_id'] for r in rows})
+  return dict(rows=len(rows), skipped=len(_rows(prompts)) - answered, finished=finished,
+              mean_tokens=sum(lengths) / max(len(lengths), 1))
+
+
+def dpo_data(run: str) -> dict[str, dict]:
+  """The DPO run's pairs per split as its data format counts them: kept whole, truncated, skipped."""
+  from data import formats
+  from train import runs
+  config = runs.read_config(run)
+  fmt = formats.get_format(config.data)
+  return {config.data[key]: dict(fmt.split_counts(config.data, key)) for key in ('train_split', 'eval_split')}
 
 
 def pairs_summary(pairs: str) -> dict:
@@ -140,10 +153,13 @@ def results(win_rate: dict, dpo_run: str, sft_losses: dict, pairs: str, generate
             '(identical answers or a single candidate: the judge\'s log names them); mean score margin chosen - '
             f'rejected {p["mean_margin"]:.4f}; chosen answers by source: ' +
             ', '.join(f'{k} {v}' for k, v in p['chosen'].items()) + '.', '',
-            '| generated | rows | ended at EOS | mean tokens |', '|---|---|---|---|']
-  for label, path in generated_files.items():
-    g = generated(path)
-    lines.append(f'| {label} | {g["rows"]} | {g["finished"]} | {g["mean_tokens"]:.1f} |')
+            '| generated | rows | prompts skipped (too long) | ended at EOS | mean tokens |', '|---|---|---|---|---|']
+  for label, (path, prompts) in generated_files.items():
+    g = generated(path, prompts)
+    lines.append(f'| {label} | {g["rows"]} | {g["skipped"]} | {g["finished"]} | {g["mean_tokens"]:.1f} |')
+  lines += ['', 'DPO data: ' + '; '.join(
+      f'{split} {c.get("kept", 0) + c.get("truncated", 0)} pairs ({c.get("truncated", 0)} truncated), '
+      f'{c.get("skipped", 0)} skipped (no room for an answer)' for split, c in dpo_data(dpo_run).items()) + '.']
   return '\n'.join(lines) + '\n'
 
 

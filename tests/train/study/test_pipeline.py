@@ -48,7 +48,7 @@ def test_the_plan_resolves_each_stage_to_its_command(tmp_path):
   outputs = {s.name: pipeline.output(s, str(tmp_path)) for s in stages}
   by_name = {s.name: s for s in stages}
   ddpo = pipeline.command(by_name['ddpo'], str(tmp_path), outputs)
-  assert ddpo[1:4] == ['-m', 'train', f'--config={ROOT}/configs/zephyr_cpu.py:tiny=True,reference=frozen,ddpo_lr=0.0001,stage=ddpo']
+  assert ddpo[1:4] == ['-m', 'train', f'--config={ROOT}/configs/zephyr_cpu.py:tiny=True,reference=frozen,ddpo_lr=2e-05,stage=ddpo']
   assert f'--config.init_params={tmp_path}/dsft' in ddpo and f'--config.data.files={tmp_path}/pairs.jsonl' in ddpo
   judge = pipeline.command(by_name['pairs'], str(tmp_path), outputs)
   assert judge[2] == 'train.judge' and judge[-1] == f'--out={tmp_path}/pairs.jsonl'
