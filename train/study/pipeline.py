@@ -2,6 +2,7 @@ r"""Runs a pipeline config: named stages in order, each a training run or a tool
 
   python -m train.pipeline --config=configs/zephyr_cpu.py --workdir=workdirs/zephyr_cpu
   python -m train.pipeline --config=configs/zephyr_cpu.py --workdir=workdirs/zephyr_cpu --dry_run   # the commands
+  python -m train.pipeline --config=configs/zephyr_cpu.py --workdir=workdirs/zephyr_cpu --until=pairs  # up to a stage
 
 A pipeline config is an ordinary config file (its `get_config(arg)` builds one training run) that adds
 `get_pipeline(arg) -> [stage, ...]`, dicts with a `name` (its output's name in --workdir) and a `kind`:
@@ -50,6 +51,8 @@ def define_flags() -> None:
   flags.DEFINE_string('config', None, 'Pipeline config file, optionally FILE.py:ARG (passed to get_pipeline).')
   flags.DEFINE_string('workdir', None, 'Directory of every stage\'s output.')
   flags.DEFINE_bool('dry_run', False, 'Print each stage\'s command and whether it is done; run nothing.')
+  flags.DEFINE_string('until', None, 'Stop after this stage (e.g. --until=pairs to read the pairs before DPO); '
+                      'the same command without it carries on from there.')
   flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -200,8 +203,13 @@ def run_stage(stage: Stage, workdir: str, outputs: dict[str, str]) -> None:
     _marker(workdir, stage).write_text(json.dumps({'command': args, 'seconds': seconds}))
 
 
-def run(config_spec: str, workdir: str, dry_run: bool = False) -> None:
+def run(config_spec: str, workdir: str, dry_run: bool = False, until: str | None = None) -> None:
   stages = plan(config_spec)
+  if until is not None:
+    names = [s.name for s in stages]
+    if until not in names:
+      raise ValueError(f'--until={until}: no such stage; the stages are {", ".join(names)}.')
+    stages = stages[:names.index(until) + 1]
   workdir = os.path.abspath(workdir)
   outputs = {s.name: output(s, workdir) for s in stages}
   if dry_run:
@@ -217,17 +225,18 @@ def run(config_spec: str, workdir: str, dry_run: bool = False) -> None:
       print(f'[pipeline] {s.name}: done, skipped', flush=True)
       continue
     run_stage(s, workdir, outputs)
-  print(f'[pipeline] all {len(stages)} stages done in {time.time() - started:.0f} s this time; '
+  print(f'[pipeline] {"all " if until is None else ""}{len(stages)} stages done in {time.time() - started:.0f} s this time; '
         f'report: {os.path.join(workdir, "report.md")}', flush=True)
 
 
 def main(argv):
   cli.no_arguments(argv)
   with cli.failing_on(ValueError, FileNotFoundError):
-    stages_ok = plan(FLAGS.config)
-  del stages_ok
+    names = [s.name for s in plan(FLAGS.config)]
+    if FLAGS.until is not None and FLAGS.until not in names:
+      raise ValueError(f'--until={FLAGS.until}: no such stage; the stages are {", ".join(names)}.')
   try:
-    run(FLAGS.config, FLAGS.workdir, FLAGS.dry_run)
+    run(FLAGS.config, FLAGS.workdir, FLAGS.dry_run, FLAGS.until)
   except sweep.RunFailed as e:
     cli.fail(str(e), e.code)
 

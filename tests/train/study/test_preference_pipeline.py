@@ -73,7 +73,7 @@ def test_win_rate_and_its_wilson_interval_against_scipy(tmp_path):
   assert loss['loss'] == pytest.approx(-sum(r['score'] * r['num_tokens'] for r in rows) / sum(r['num_tokens'] for r in rows))
 
 
-def _pipeline(workdir, env, **kw):
+def _pipeline(workdir):
   return [sys.executable, '-m', 'train.pipeline', '--config=configs/zephyr_cpu.py:tiny=True', f'--workdir={workdir}']
 
 
@@ -94,25 +94,21 @@ def _running(marker: str) -> bool:
 
 
 def test_zephyr_cpu_killed_in_its_dpo_stage_resumes_to_the_same_report(tmp_path, one_device_env, wait_for_checkpoint):
-  """configs/zephyr_cpu.py:tiny=True end to end (every stage, each in its process), then its DPO stage and all after
-  it again in a copy: the pipeline killed (kill -9) once the DPO run saved a checkpoint takes its running stage
-  with it, and the same command rerun skips the stages done, resumes the DPO run and writes the same results."""
+  """configs/zephyr_cpu.py:tiny=True end to end (every stage, each in its process) up to its pairs (--until), then
+  from there twice at once: straight on, and in a copy killed (kill -9) once the DPO run saved a checkpoint, which
+  takes its running stage with it; the same command rerun skips the stages done, resumes the DPO run and writes
+  the same results as the straight run."""
   env = dict(one_device_env(), TFDS_DATA_DIR=str(tmp_path / 'tfds'))
   straight, killed = tmp_path / 'straight', tmp_path / 'killed'
-  done = subprocess.run(_pipeline(straight, env), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-  assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-  assert (straight / 'report.png').stat().st_size > 10_000
-  results = _results(straight)
-  assert '**' in results and '| dDPO student |' in results
-
-  # Everything before the DPO stage as the straight run left it; the DPO stage and the rest to do again.
-  names = [s.name for s in pipeline.plan('configs/zephyr_cpu.py:tiny=True')]
-  again = names[names.index('ddpo'):]
-  shutil.copytree(straight, killed, ignore=lambda d, files: [
-      f for f in files if d == str(straight) and (f.split('.')[0] in again or f in ('stages.jsonl', 'report.md'))]
-      if d == str(straight) else [f for f in files if f.split('.')[0] in again] if d.endswith('stages') else [])
-  assert not (killed / 'ddpo').exists() and (killed / 'pairs.jsonl').exists()
-  victim = subprocess.Popen(_pipeline(killed, env), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+  first = subprocess.run(_pipeline(straight) + ['--until=pairs'], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=600)
+  assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+  assert (straight / 'pairs.jsonl').exists() and not (straight / 'ddpo').exists()
+  assert '[pipeline] 12 stages done' in first.stdout
+  shutil.copytree(straight, killed)
+  rest = subprocess.Popen(_pipeline(straight), cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True)
+  victim = subprocess.Popen(_pipeline(killed), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
   wait_for_checkpoint(victim, killed / 'ddpo', 6)
   victim.send_signal(signal.SIGKILL)
@@ -122,10 +118,15 @@ def test_zephyr_cpu_killed_in_its_dpo_stage_resumes_to_the_same_report(tmp_path,
     assert time.time() < deadline, 'the DPO stage outlived its killed pipeline'
     time.sleep(0.1)
   assert not (killed / 'ddpo' / 'checkpoints' / '12').exists(), 'the DPO run finished before the kill; lengthen it'
-  rerun = subprocess.run(_pipeline(killed, env), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  out = rest.communicate(timeout=600)[0]
+  assert rest.returncode == 0, out[-3000:]
+  assert (straight / 'report.png').stat().st_size > 10_000
+  results = _results(straight)
+  assert '**' in results and '| dDPO student |' in results
+  rerun = subprocess.run(_pipeline(killed), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
   assert '[pipeline] pairs: done, skipped' in rerun.stdout and '[pipeline] teacher: done, skipped' in rerun.stdout
   assert 'resumed from' in rerun.stdout
   assert _results(killed) == results
-  times = preference_report.stage_times(str(killed))
-  assert times['ddpo'][1:] == (2, 1) and 'teacher' not in times  # started twice, ended once; nothing before redone
+  started, ended = preference_report.stage_times(str(killed))['ddpo'][1:]
+  assert (started, ended) == (2, 1)  # the killed attempt and the one that finished
