@@ -1,8 +1,15 @@
 """The loop's own train step, compiled on a synthetic batch and timed: what the benchmark scripts share."""
 import dataclasses
+import json
+import os
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from typing import Any
+
+import numpy as np
 
 import flax.linen as nn
 import jax
@@ -52,3 +59,22 @@ def compile_step(config, batch, devices) -> CompiledStep:
     args = [state, {state_lib.BASE: base} if base else {},
             sharding.global_batch(batch, fns.batch_sharding), fns.learning_rates[0]]
     return CompiledStep(fns.train.lower(*args).compile(), args)
+
+
+def time_peer(job: dict, batch: dict, repeats: int) -> dict:
+  """Times the PyTorch side of `job` (see benchmarks/torch_peer.py) in a fresh process on `batch`.
+
+  Never in this process: a process that has run JAX times torch 1.1-2.3x slower than a fresh one here
+  (thread pools and allocators of both runtimes compete). Returns the peer's JSON: times, median.
+  """
+  with tempfile.TemporaryDirectory() as tmp:
+    np.savez(os.path.join(tmp, 'batch.npz'), **{k: np.asarray(v) for k, v in batch.items()})
+    job = {**job, 'batch': os.path.join(tmp, 'batch.npz'), 'repeats': repeats}
+    with open(os.path.join(tmp, 'job.json'), 'w') as f:
+      json.dump(job, f)
+    proc = subprocess.run([sys.executable, '-m', 'benchmarks.torch_peer', os.path.join(tmp, 'job.json')],
+                          capture_output=True, text=True, check=False)
+  if proc.returncode:
+    raise SystemExit(f'error: the torch peer {job["spec"]} failed (exit {proc.returncode}): '
+                     f'{proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "no output"}')
+  return json.loads(proc.stdout.strip().splitlines()[-1])

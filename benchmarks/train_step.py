@@ -1,8 +1,9 @@
 r"""Times the jitted train step of any config, optionally beside the same architecture in PyTorch.
 
 Prints examples/s or tokens/s (median over timed steps after compilation), the step's FLOPs from XLA's cost analysis,
-the achieved FLOP/s and its ratio to this machine's measured float32 matmul peak. With --reference it
-times a forward+backward+optimizer step of timm or HF transformers on the same batch in the same run.
+the achieved FLOP/s and its ratio to this machine's measured float32 matmul peak. With --reference it then
+times a forward+backward+AdamW step of timm or HF transformers on the same batch in a fresh process
+(benchmarks/torch_peer.py), back to back with ours, --pairs times.
 
   python -m benchmarks.train_step --config=configs/vit_i1k.py --batch_size=4 --image_size=224 \
       --reference=timm:vit_base_patch16_224 --config.model.dtype=float32 --config.model.scan=False \
@@ -24,13 +25,13 @@ Any `--config.*` override applies. XLA's cost analysis counts the body of a loop
 with `--config.model.scan=False` (the step time itself is valid either way).
 """
 import statistics
-import time
 
 from absl import app, flags
 import jax
 from ml_collections import config_flags
 
-from benchmarks.step import compile_step
+from benchmarks.step import compile_step, time_peer
+from models import mistral_weights
 from train import loop, objectives
 from train.compute import matmul_peak_flops
 
@@ -43,66 +44,25 @@ _DEVICES = flags.DEFINE_integer('devices', 1, 'Devices to shard over (mesh data 
 _SEQ_LEN = flags.DEFINE_integer('seq_len', 1024, 'Tokens per row (language-model configs).')
 _PROFILE_DIR = flags.DEFINE_string('profile_dir', None, 'Write a jax.profiler trace of the timed jax steps here '
                                    '(as config.profile_steps does in a run): TensorBoard profile plugin, Perfetto.')
+_PAIRS = flags.DEFINE_integer('pairs', 1, 'With --reference: time (jax, torch) this many times back to back; '
+                              'each pair gives a ratio (the speed of the machine drifts between pairs).')
 _REFERENCE = flags.DEFINE_string('reference', None, "timm:MODEL_NAME, or 'hf_vit' / 'hf_mistral' (HF model of "
                                  "the config's shape).")
 
 
-def time_jax(config, batch) -> tuple[float, float]:
-  step = compile_step(config, batch, jax.devices()[:_DEVICES.value])
-  cost = step.compiled.cost_analysis()
-  flops = float((cost[0] if isinstance(cost, (list, tuple)) else cost)['flops'])
-  return step.time(_STEPS.value, profile_dir=_PROFILE_DIR.value), flops
-
-
-def time_reference(spec: str, config, batch) -> float:
-  import torch
-  torch.manual_seed(0)
-  if spec.startswith('timm:'):
-    import timm
-    kwargs = dict(pretrained=False, num_classes=config.model.num_classes, in_chans=_CHANNELS.value)
-    try:  # Transformers fix their input size at construction; convnets take none.
-      net = timm.create_model(spec[5:], img_size=_IMAGE.value, **kwargs)
-    except TypeError:
-      net = timm.create_model(spec[5:], **kwargs)
-  elif spec == 'hf_mistral':
-    import transformers
-    from models import mistral_weights
-    hf_config = mistral_weights.hf_config_from_kwargs(config.model.to_dict())
-    net = transformers.MistralForCausalLM(transformers.MistralConfig(**hf_config, attn_implementation='sdpa'))
+def reference_job(spec: str, config) -> dict:
+  """What benchmarks/torch_peer.py needs to build the same architecture in PyTorch."""
+  job = dict(spec=spec, mode='train', num_classes=config.model.get('num_classes'), channels=_CHANNELS.value,
+             image_size=_IMAGE.value)
+  if spec == 'hf_mistral':
+    job['hf_config'] = mistral_weights.hf_config_from_kwargs(config.model.to_dict())
   elif spec == 'hf_vit':
-    import transformers
     d = loop.build_model(config).dims()
-    net = transformers.ViTForImageClassification(transformers.ViTConfig(
-        hidden_size=d['width'], num_hidden_layers=d['depth'], num_attention_heads=d['num_heads'],
-        intermediate_size=d['mlp_dim'], patch_size=d['patch_size'][0], image_size=_IMAGE.value,
-        num_channels=_CHANNELS.value, num_labels=config.model.num_classes, attn_implementation='eager'))
-  else:
+    job['vit_dims'] = dict(width=d['width'], depth=d['depth'], num_heads=d['num_heads'], mlp_dim=d['mlp_dim'],
+                           patch_size=d['patch_size'][0])
+  elif not spec.startswith('timm:'):
     raise app.UsageError(f'--reference={spec!r}: use timm:MODEL_NAME, hf_vit or hf_mistral.')
-  net.train()
-  optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4)
-  if 'tokens' in batch:
-    tokens = torch.from_numpy(batch['tokens']).long()
-    forward_loss = lambda: net(input_ids=tokens, labels=tokens).loss  # shifted next-token cross-entropy
-  else:
-    images = torch.from_numpy(batch['image']).permute(0, 3, 1, 2).contiguous()
-    labels = torch.from_numpy(batch['label']).long()
-
-    def forward_loss():
-      out = net(images)
-      return torch.nn.functional.cross_entropy(out.logits if hasattr(out, 'logits') else out, labels)
-
-  def step():
-    optimizer.zero_grad(set_to_none=True)
-    forward_loss().backward()
-    optimizer.step()
-
-  step()
-  times = []
-  for _ in range(_STEPS.value):
-    t = time.perf_counter()
-    step()
-    times.append(time.perf_counter() - t)
-  return statistics.median(times)
+  return job
 
 
 def main(argv):
@@ -116,18 +76,28 @@ def main(argv):
   unit = objective.unit
   per_step = _BATCH.value * (input_shape[0] if unit == 'tokens' else 1)
   peak = matmul_peak_flops()
-  seconds, flops = time_jax(config, batch)
+  job = reference_job(_REFERENCE.value, config) if _REFERENCE.value else None
+  step = compile_step(config, batch, jax.devices()[:_DEVICES.value])
+  cost = step.compiled.cost_analysis()
+  flops = float((cost[0] if isinstance(cost, (list, tuple)) else cost)['flops'])
   print(f'device: {jax.devices()[0].device_kind} x{_DEVICES.value} | matmul peak {peak / 1e9:.1f} GFLOP/s (float32)')
-  print(f'jax   {config.model_name}: {seconds * 1e3:.1f} ms/step | {per_step / seconds:.2f} {unit}/s | '
-        f'{flops / 1e9:.4g} GFLOP/step (XLA) | {flops / seconds / 1e9:.1f} GFLOP/s | '
-        f'{100 * flops / seconds / peak:.1f}% of peak')
   if config.model.get('scan'):
     print('note: the model is scanned; XLA counted one loop iteration, so FLOPs are undercounted '
           '(rerun with --config.model.scan=False for the FLOP figures)')
-  if _REFERENCE.value:
-    ref = time_reference(_REFERENCE.value, config, batch)
-    print(f'torch {_REFERENCE.value}: {ref * 1e3:.1f} ms/step | {per_step / ref:.2f} {unit}/s | '
-          f'{flops / ref / 1e9:.1f} GFLOP/s at the same FLOPs | jax/torch speed {ref / seconds:.2f}x')
+  ratios = []
+  for pair in range(_PAIRS.value if job else 1):
+    seconds = step.time(_STEPS.value, profile_dir=_PROFILE_DIR.value if pair == 0 else None)
+    print(f'jax   {config.model_name}: {seconds * 1e3:.1f} ms/step | {per_step / seconds:.2f} {unit}/s | '
+          f'{flops / 1e9:.4g} GFLOP/step (XLA) | {flops / seconds / 1e9:.1f} GFLOP/s | '
+          f'{100 * flops / seconds / peak:.1f}% of peak')
+    if job:
+      ref = time_peer(job, batch, _STEPS.value)['median']
+      ratios.append(ref / seconds)
+      print(f'torch {_REFERENCE.value}: {ref * 1e3:.1f} ms/step | {per_step / ref:.2f} {unit}/s | '
+            f'{flops / ref / 1e9:.1f} GFLOP/s at the same FLOPs | jax/torch speed {ref / seconds:.2f}x')
+  if len(ratios) > 1:
+    print(f'jax/torch speed over {len(ratios)} pairs: median {statistics.median(ratios):.2f}x '
+          f'(min {min(ratios):.2f}x, max {max(ratios):.2f}x)')
 
 
 if __name__ == '__main__':

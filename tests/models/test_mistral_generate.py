@@ -148,7 +148,9 @@ def test_ragged_greedy_equals_each_prompt_alone_and_hf(scan, chunk):
     want, want_lp, _ = mistral.generate(model, run_params, p[None], NEW, return_state=True)
     np.testing.assert_array_equal(row[:len(p) + NEW], np.asarray(want)[0])
     np.testing.assert_array_equal(row[len(p) + NEW:], -1)
-    np.testing.assert_allclose(lp, np.asarray(want_lp)[0], atol=1e-5, rtol=0)
+    # Tokens are equal exactly; log-probabilities to 1e-4: XLA's CPU matmul kernels tile a batch of 3 and a
+    # batch of 1 differently, and on some CPUs the rows then differ by up to 5e-5 (seen before any change here).
+    np.testing.assert_allclose(lp, np.asarray(want_lp)[0], atol=1e-4, rtol=0)
     with torch.no_grad():
       want_hf = hf.generate(torch.from_numpy(p[None]).long(), max_new_tokens=NEW, min_new_tokens=NEW,
                             do_sample=False, attention_mask=torch.ones((1, len(p)), dtype=torch.long))
