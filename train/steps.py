@@ -64,6 +64,19 @@ class Steps:
 ONCE_OPTIONS = {'xla_backend_optimization_level': 0}
 
 
+# XLA options for the train and eval steps on CPU: YNNPACK gets the dots only. By default XLA:CPU also hands
+# it reductions and elementwise fusions, which run slower there than XLA's own loops on our steps (float32, 2
+# cores: NFNet-F0's train step 3.27 -> 2.45 s, the small Mistral's 7.6 -> 6.2 s; ViT-B/16's within noise). Not
+# for decoding, whose small dots gain from YNNPACK's fused epilogues (benchmarks/README.md).
+STEP_OPTIONS = {'xla_cpu_experimental_ynn_fusion_type': 'LIBRARY_FUSION_TYPE_DOT'}
+
+
+def jit_step(fn, **kwargs):
+  """jax.jit for a train or eval step (see STEP_OPTIONS; other backends get their defaults)."""
+  options = STEP_OPTIONS if jax.default_backend() == 'cpu' else None
+  return jax.jit(fn, compiler_options=options, **kwargs)
+
+
 def jit_once(fn, **kwargs):
   """jax.jit for a program run once per run (see ONCE_OPTIONS; other backends get their defaults)."""
   options = ONCE_OPTIONS if jax.default_backend() == 'cpu' else None
@@ -259,10 +272,10 @@ def _build_program(config, mesh, rules, model, objective, adapter, example, froz
       init_params=lambda rng: nn.unbox(boxed_params(rng)),
       split=jit_once(lambda params: adapter.split(params, split_key), in_shardings=(param_shardings,),
                      out_shardings=(trainable_shardings, base_shardings)),
-      train=jax.jit(train_step, in_shardings=(state_shardings, frozen_shardings, batch_sharding, replicated),
+      train=jit_step(train_step, in_shardings=(state_shardings, frozen_shardings, batch_sharding, replicated),
                     out_shardings=(state_shardings, replicated), donate_argnums=0),
-      eval=jax.jit(eval_step, in_shardings=(trainable_shardings, frozen_shardings, batch_sharding),
-                   out_shardings=replicated),
+      eval=jit_step(eval_step, in_shardings=(trainable_shardings, frozen_shardings, batch_sharding),
+                    out_shardings=replicated),
       abstract_params=abstract_params, param_shardings=param_shardings, abstract_state=abstract_state,
       state_shardings=state_shardings, frozen_shardings=frozen_shardings, batch_sharding=batch_sharding,
       schedule=None, learning_rates=None, init_key=init_key,
