@@ -98,7 +98,6 @@ def test_bad_input_is_one_error_line(tmp_path):
 
 
 def test_timm_reference_in_a_fresh_process():
-  pytest.importorskip('timm')
   lines = []
   config = cli.load_config('configs/vit_i1k.py:variant=Ti/16', ['--config.model.dtype=float32'])
   t = inference.target(config)
