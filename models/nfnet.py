@@ -157,13 +157,13 @@ def resolve_conv_impl(impl: str) -> str:
   return impl
 
 
-def conv_same(x: jax.Array, w: jax.Array, stride: int, groups: int, impl: str = 'auto') -> jax.Array:
+def conv_same(x: jax.Array, w: jax.Array, stride: int, groups: int, impl: str = 'native') -> jax.Array:
   """TF-"SAME" convolution of NHWC `x` with an HWIO kernel.
 
   impl 'native' is XLA's (grouped) convolution. 'taps' computes a grouped convolution as one einsum per
   kernel tap over (group, in, out): the same numbers, several times faster on XLA:CPU, whose grouped
   convolution and above all its gradient are slow (a grouped 3x3 layer of F0, forward and backward:
-  165-287 ms native, 42-68 ms taps). 'auto' (the default) picks taps on CPU and native on TPU and GPU.
+  165-287 ms native, 42-68 ms taps). 'auto' picks taps on CPU and native on TPU and GPU.
   """
   impl = resolve_conv_impl(impl)
   if impl == 'native' or groups == 1:
@@ -192,7 +192,7 @@ class WSConv(nn.Module):
   stride: int = 1
   groups: int = 1
   numerics: str = 'deepmind'
-  conv_impl: str = 'auto'
+  conv_impl: str = 'native'
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -246,7 +246,7 @@ class NFBlock(nn.Module):
   activation: str
   numerics: str
   dtype: Any
-  conv_impl: str = 'auto'
+  conv_impl: str = 'native'
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -296,7 +296,7 @@ class Stage(nn.Module):
   activation: str
   numerics: str
   dtype: Any
-  conv_impl: str = 'auto'
+  conv_impl: str = 'native'
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -319,7 +319,7 @@ class Model(nn.Module):
   F4+ 525.0M, F7+ 829.6M params; 'paper' F3+ 425.1M, F4+ 527.0M, F7+ 832.9M). `dtype` is the compute dtype;
   params are float32 and weight standardisation runs in float32. num_classes=0 drops the classifier and
   returns the pooled features. `conv_impl` 'taps' computes the grouped 3x3 convs as per-tap einsums, for
-  speed on CPU (see `conv_same`); parameters and outputs are the same as with 'native'; 'auto' (the default)
+  speed on CPU (see `conv_same`); parameters and outputs are the same as with 'native'; 'auto'
   picks taps on CPU and native on TPU and GPU.
   """
   num_classes: int = 1000
@@ -338,7 +338,7 @@ class Model(nn.Module):
   se_ratio: float = 0.5
   group_width: int = 128
   dtype: str = 'float32'
-  conv_impl: str = 'auto'
+  conv_impl: str = 'native'
 
   def arch(self) -> Arch:
     """The resolved architecture: stem layers, per-block specs (with beta and drop rate), final width."""

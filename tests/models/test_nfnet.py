@@ -408,6 +408,9 @@ def test_taps_grouped_conv_equals_native(hw, stride):
     np.testing.assert_allclose(g_taps, g_native, rtol=1e-4, atol=1e-4)
   with pytest.raises(ValueError, match='conv_impl must be one of'):
     nfnet.conv_same(x, w, stride, 3, 'fft')
+  # 'auto' picks per backend: taps on CPU (these tests), XLA's convolution on TPU and GPU.
+  assert nfnet.resolve_conv_impl('auto') == ('taps' if jax.default_backend() == 'cpu' else 'native')
+  np.testing.assert_array_equal(nfnet.conv_same(x, w, stride, 3, 'auto'), taps)
 
 
 def test_model_with_taps_convs_equals_native():
