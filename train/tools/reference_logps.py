@@ -40,7 +40,7 @@ def compute(config, batch_size: int | None = None) -> tuple[np.ndarray, np.ndarr
   """(keys [N] str, logps float32 [N, 2]) of the train and eval splits' pairs under config.init_params."""
   from data import formats
   from data.formats import preference
-  from train import objectives
+  from train import objectives, steps
   if not config.get('init_params'):
     raise ValueError('config.init_params is unset: the reference is the run\'s starting model; set it to the SFT '
                      'workdir or imported model the DPO run starts from.')
@@ -49,7 +49,8 @@ def compute(config, batch_size: int | None = None) -> tuple[np.ndarray, np.ndarr
     raise ValueError(f'data.format={config.data.format!r} holds no preference pairs; use the preference format.')
   run = loader.load_run(config.init_params)
   objective = objectives.make_objective({'name': 'preference'})
-  logps_of = jax.jit(lambda params, batch: objective.sequence_logps(run.model, params, batch))
+  # Compiled as the train step is (same XLA options), so at step 0 the policy's log-probabilities equal these.
+  logps_of = steps.jit_step(lambda params, batch: objective.sequence_logps(run.model, params, batch))
   size = batch_size or config.get('eval_batch_size') or 8
   keys, values = {}, []
   for split_key in ('train_split', 'eval_split'):
