@@ -83,8 +83,28 @@ def _arrays(trees: dict) -> list[tuple[str, int, str]]:
   return found
 
 
-def account(config, devices=None) -> Accounting:
-  """Builds `config`'s programs on `devices` (default: all) and returns the bytes one device holds."""
+@dataclasses.dataclass
+class Programs:
+  """A config's programs built for its mesh, with abstract arguments of the train step (shapes, dtypes and
+  shardings; no array exists): what `account` compiles, and train.study.prewarm ahead of a run."""
+  config: object
+  mesh: object
+  rules: object
+  objective: object
+  fns: steps.Steps
+  state: dict
+  frozen: dict
+  batch: dict
+  learning_rate: jax.ShapeDtypeStruct
+  sources: dict
+
+  def lower_train(self):
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+      return self.fns.train.lower(self.state, self.frozen, self.batch, self.learning_rate)
+
+
+def programs(config, devices=None) -> Programs:
+  """Builds `config`'s programs on `devices` (default: all) and the train step's abstract arguments."""
   devices = jax.devices() if devices is None else list(devices)
   if config.total_steps <= 0:  # Set by a budget from the data; the programs do not depend on it.
     config = config.copy_and_resolve_references()
@@ -104,17 +124,24 @@ def account(config, devices=None) -> Accounting:
     frozen = {name: params for name in sources}
     if state_lib.BASE in fns.frozen_shardings:
       _, frozen[state_lib.BASE] = jax.eval_shape(fns.split, params)
-    optimizer = {k: v for k, v in state.items() if k in ('opt_state', 'ema')}
-    arrays = _arrays({'trainable': state['trainable'], 'optimizer': optimizer, 'frozen': frozen})
-    batch = {k: jax.ShapeDtypeStruct((config.batch_size, *v.shape[1:]), v.dtype, sharding=fns.batch_sharding)
-             for k, v in one.items()}
-    learning_rate = jax.ShapeDtypeStruct((), fns.learning_rates.dtype, sharding=NamedSharding(mesh, P()))
-    started = time.perf_counter()
-    compiled = fns.train.lower(state, frozen, batch, learning_rate).compile()
-    compile_s = time.perf_counter() - started
+  batch = {k: jax.ShapeDtypeStruct((config.batch_size, *v.shape[1:]), v.dtype, sharding=fns.batch_sharding)
+           for k, v in one.items()}
+  learning_rate = jax.ShapeDtypeStruct((), fns.learning_rates.dtype, sharding=NamedSharding(mesh, P()))
+  return Programs(config, mesh, rules, objective, fns, state, frozen, batch, learning_rate, sources)
+
+
+def account(config, devices=None) -> Accounting:
+  """Builds `config`'s programs on `devices` (default: all) and returns the bytes one device holds."""
+  p = programs(config, devices)
+  fns, state, frozen, batch = p.fns, p.state, p.frozen, p.batch
+  optimizer = {k: v for k, v in state.items() if k in ('opt_state', 'ema')}
+  arrays = _arrays({'trainable': state['trainable'], 'optimizer': optimizer, 'frozen': frozen})
+  started = time.perf_counter()
+  compiled = p.lower_train().compile()
+  compile_s = time.perf_counter() - started
   stats = compiled.memory_analysis()
   return Accounting(
-      devices=len(devices), mesh=dict(mesh.shape), params=adapters.num_elements(fns.abstract_params),
+      devices=p.mesh.size, mesh=dict(p.mesh.shape), params=adapters.num_elements(fns.abstract_params),
       trainable_params=adapters.num_elements(fns.abstract_state['trainable']),
       per_device={'trainable': _device_bytes(state['trainable']), 'optimizer': _device_bytes(optimizer),
                   'frozen': _device_bytes(frozen), 'batch': _device_bytes(batch),

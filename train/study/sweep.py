@@ -54,6 +54,7 @@ import orbax.checkpoint as ocp
 from models import common
 from train import cli, compute
 from train import metrics as metrics_lib
+from train.study import prewarm
 
 FLAGS = flags.FLAGS
 
@@ -67,6 +68,8 @@ def define_flags() -> None:
   flags.DEFINE_string('only', None, 'Run only the runs whose name contains this string.')
   flags.DEFINE_bool('analyze', True, 'Analyse the finished runs at the end.')
   flags.DEFINE_multi_string('set', [], 'key=value config overrides for every run, e.g. --set=data.data_dir=DIR.')
+  flags.DEFINE_bool('prewarm', True, 'On a CPU, compile later runs\' train steps in a background process while '
+                    'the earlier runs train (train/study/prewarm.py).')
   flags.DEFINE_enum('stage', 'all', list(STAGES), 'Which stages to run: pretraining, then finetuning the selected '
                     'runs (all), or one of them.')
 
@@ -85,6 +88,7 @@ class Run:
   params: int
   # The budget (hardware, mfu) of the core-hour estimate: config.budget unless a finetune config has none.
   estimate: dict | None = None
+  overrides: tuple[str, ...] = ()  # key=value overrides of `spec` that give `config` (before total_steps)
 
   @property
   def arg(self) -> str:
@@ -135,7 +139,8 @@ def _load_run(name: str, spec: str, overrides=(), config=None, channels: int = 3
   with config.unlocked():
     config.total_steps = steps
   params = _param_count(config, input_shape)
-  return Run(name, spec, config, steps, compute.train_flops_per_example(config, input_shape), params)
+  return Run(name, spec, config, steps, compute.train_flops_per_example(config, input_shape), params,
+             overrides=tuple(overrides))
 
 
 def _train_input_shape(config, spec: str, channels: int) -> tuple[int, ...]:
@@ -160,7 +165,7 @@ def plan(config_spec: str, overrides=()) -> list[Run]:
     config = cli.load_config(spec, [f'--config.{o}' for o in overrides])
     if 'study' not in config or 'input_shape' not in config.study:
       raise ValueError(f'{spec}: a sweep run needs config.study with input_shape (and family, model, epochs).')
-    run = _load_run(module.run_name(run_arg), spec, config=config)
+    run = _load_run(module.run_name(run_arg), spec, overrides, config=config)
     with run.config.unlocked():
       run.config.study.params = run.params
     runs.append(run)
@@ -347,8 +352,9 @@ def table(runs: list[Run], finetune: list[Run] = (), select: str = 'best_lr') ->
   return '\n'.join(lines)
 
 
-def train_all(runs: list[Run], workdir: str) -> bool:
+def train_all(runs: list[Run], workdir: str, prewarming=None) -> bool:
   """Trains the unfinished runs in order; False when one was preempted (rerun the sweep to continue).
+  `prewarming`: (cache directory, process) of train.study.prewarm compiling later runs' steps meanwhile.
 
   Raises RunFailed, naming the run and carrying the exit status of `python -m train` (cli.exit_status), on a
   non-finite loss, bad input or an I/O error.
@@ -363,6 +369,8 @@ def train_all(runs: list[Run], workdir: str) -> bool:
     else:
       print(f'[{i + 1}/{len(runs)}] {run.name}: {run.steps} steps of batch {run.config.batch_size} '
             f'({run.train_flops:.3g} FLOPs)', flush=True)
+      if prewarming:
+        prewarm.wait_for(run.config, *prewarming)
       try:
         result = loop.train(run.config, run_dir)
       except Exception as e:  # noqa: BLE001 - classified as `python -m train` does; a bug propagates as it is.
@@ -420,18 +428,24 @@ def main(argv):
       # learning rate is an input): XLA's persistent cache compiles each model once for the whole ladder.
       jax.config.update('jax_compilation_cache_dir', os.path.join(FLAGS.workdir, 'compilation_cache'))
       jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.2)
+    cache_dir = jax.config.jax_compilation_cache_dir
+    todo = [r for r in (runs if FLAGS.stage != 'finetune' else []) + estimates
+            if not finished(os.path.join(FLAGS.workdir, r.name))]
+    process = prewarm.start(todo, cache_dir) if FLAGS.prewarm else None
     try:
-      if FLAGS.stage != 'finetune' and not train_all(runs, FLAGS.workdir):
+      if FLAGS.stage != 'finetune' and not train_all(runs, FLAGS.workdir, (cache_dir, process)):
         sys.exit(cli.PREEMPTED_EXIT)
       if stage is not None:
         finetunes = finetune_runs(choose(runs, FLAGS.workdir, stage.select), stage, FLAGS.workdir, FLAGS.set)
         print(f'finetune stage ({stage.select}): ' + ', '.join(r.name for r in finetunes), flush=True)
-        if not train_all(finetunes, FLAGS.workdir):
+        if not train_all(finetunes, FLAGS.workdir, (cache_dir, process)):
           sys.exit(cli.PREEMPTED_EXIT)
     except RunFailed as e:
       if FLAGS.get_flag_value('traceback', False):
         traceback.print_exception(e.__cause__)
       cli.fail(e, e.code)
+    finally:
+      prewarm.stop(process)
     scope = getattr(_module(FLAGS.config.partition(':')[0]), 'STUDY_SCOPE', None)
     text = report(runs, FLAGS.workdir, scope) if FLAGS.analyze else None
   if text:
