@@ -25,18 +25,19 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
   return result
 
 
-def mesh(data: int = -1, fsdp: int = 1, tensor: int = 1) -> ml_collections.ConfigDict:
-  """Devices per mesh axis; -1 means all the rest."""
-  return ml_collections.ConfigDict({'data': data, 'fsdp': fsdp, 'tensor': tensor})
+def mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, sequence: int = 1) -> ml_collections.ConfigDict:
+  """Devices per mesh axis; -1 means all the rest. `sequence` splits every row's tokens (sequence parallelism,
+  for token models: the Mistral decoder)."""
+  return ml_collections.ConfigDict({'data': data, 'fsdp': fsdp, 'sequence': sequence, 'tensor': tensor})
 
 
 def sharding_rules(**overrides) -> ml_collections.ConfigDict:
   """Logical axis name -> mesh axes, as strings so that any rule is a command-line override:
   'fsdp' (one axis), 'data,fsdp' (several), '' (replicated). FSDP shards weights over 'embed';
-  tensor parallelism splits heads and the MLP hidden dimension."""
+  tensor parallelism splits heads and the MLP hidden dimension; sequence parallelism the tokens of a row."""
   rules = {
       'batch': 'data,fsdp',
-      'length': '',
+      'length': 'sequence',  # a no-op at the default sequence=1
       'act_embed': '',
       'embed': 'fsdp',
       'mlp': 'tensor',

@@ -110,36 +110,127 @@ def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.
 
 
 def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array,
-                        positions: jax.Array, window: int, block_size: int) -> jax.Array:
+                        positions: jax.Array, window: int, block_size: int, *,
+                        index: jax.Array | None = None, context: Mapping[str, jax.Array] | None = None) -> jax.Array:
   """Sliding-window attention whose cost is linear in length for a fixed window.
 
   Query block i only meets key blocks i - n + 1 .. i with n = ceil((W - 1) / B) + 1,
   the only ones that can intersect its window. Assumes positions grow at least as
   fast as the index within a segment (true for packed sequences restarting at 0),
   so an admitted key is fewer than W tokens back.
+
+  A shard of a longer row (sequence parallelism): `index` [b, t] holds the tokens' indices in the whole row,
+  and `context` the keys that precede the shard ({'k', 'v': [b, h, kv, d], 'segment_ids', 'positions',
+  'index': [b, h]}, index -1 where there is none), which stand in for the dummy blocks on the left.
   """
   b, t = q.shape[:2]
   bs = min(block_size, t)
   nb = -(-t // bs)
-  nk = min(-(-(window - 1) // bs) + 1, nb)
+  h = 0 if context is None else context['index'].shape[1]
+  nk = min(-(-(window - 1) // bs) + 1, -(-h // bs) + nb)  # no more blocks than the context and shard hold
   pad = nb * bs - t  # right padding: padded keys follow every real query, so causality drops them
-  left = (nk - 1) * bs  # left padding: dummy key blocks, index -1
+  left = (nk - 1) * bs  # left padding: dummy key blocks (index -1), after the context if any
 
   def blocks(x: jax.Array, fill: Any = 0) -> jax.Array:
     widths = [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2)
     return jnp.pad(x, widths, constant_values=fill).reshape(b, nb, bs, *x.shape[2:])
 
-  def key_windows(x: jax.Array, fill: Any = 0) -> jax.Array:
-    widths = [(0, 0), (left, pad)] + [(0, 0)] * (x.ndim - 2)
+  def key_windows(x: jax.Array, before: jax.Array | None, fill: Any = 0) -> jax.Array:
+    if before is not None:
+      x = jnp.concatenate([before.astype(x.dtype), x], axis=1)
+    widths = [(0, 0), (left + t - x.shape[1], pad)] + [(0, 0)] * (x.ndim - 2)
     x = jnp.pad(x, widths, constant_values=fill).reshape(b, nb + nk - 1, bs, *x.shape[2:])
     return jnp.concatenate([x[:, j:j + nb] for j in range(nk)], axis=2)  # [b, nb, nk*bs, ...]
 
-  idx = jnp.broadcast_to(jnp.arange(t), (b, t))
-  mask = attention_mask(blocks(idx), key_windows(idx, -1), blocks(positions),
-                        key_windows(positions), blocks(segment_ids), key_windows(segment_ids),
-                        window)
-  out = _softmax_attend(blocks(q), key_windows(k), key_windows(v), mask)
+  ctx = context or {}
+  idx = jnp.broadcast_to(jnp.arange(t), (b, t)) if index is None else index
+  mask = attention_mask(blocks(idx), key_windows(idx, ctx.get('index'), -1), blocks(positions),
+                        key_windows(positions, ctx.get('positions')), blocks(segment_ids),
+                        key_windows(segment_ids, ctx.get('segment_ids')), window)
+  out = _softmax_attend(blocks(q), key_windows(k, ctx.get('k')), key_windows(v, ctx.get('v')), mask)
   return out.reshape(b, nb * bs, *q.shape[2:])[:, :t]
+
+
+def sequence_axis() -> str | None:
+  """The mesh axis the token axis is split over: where the logical-axis rules in effect map 'length' to an
+  axis of more than one device of the mesh in effect (jax.set_mesh); None otherwise (one device holds
+  whole rows)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return None
+  try:
+    spec = nn.logical_to_mesh_axes(('length',))
+  except ValueError:  # no rule for 'length': replicated
+    return None
+  name = spec[0] if spec else None
+  if isinstance(name, tuple):
+    if len(name) != 1:
+      raise ValueError(f"the token axis ('length') is mapped to several mesh axes {name}; map it to one.")
+    name = name[0]
+  if name is None or name not in mesh.axis_names or mesh.shape[name] == 1:
+    return None
+  return name
+
+
+def halo(shard: Mapping[str, jax.Array], size: int, axis: str) -> dict[str, jax.Array]:
+  """The `size` tokens before this device's shard of the row, gathered from the shards before it.
+
+  Inside shard_map over `axis`, each device holds the next piece of every row ({'k', 'v', 'segment_ids',
+  'positions'}, [b, L, ...]). Hop j moves the last min(L, size - (j - 1) L) tokens of each shard j devices
+  on (one collective permute each), so a device receives exactly `size` tokens however long the row: the
+  exchange grows with the window, not with the length. Returns those fields plus 'index', the tokens'
+  indices in the row, -1 for the tokens before the row's start (the first shards have no predecessor).
+  """
+  n, s = jax.lax.axis_size(axis), jax.lax.axis_index(axis)
+  b, length = shard['positions'].shape
+  size = min(size, (n - 1) * length)  # nothing lies before the first shard
+  pieces = []
+  for j in range(1, -(-size // length) + 1):
+    m = min(length, size - (j - 1) * length)
+    perm = [(i, i + j) for i in range(n - j)]
+    got = {name: jax.lax.ppermute(x[:, length - m:], axis, perm) for name, x in shard.items()}
+    start = (s - j) * length + length - m
+    got['index'] = jnp.broadcast_to(jnp.where(s >= j, start + jnp.arange(m), -1), (b, m))
+    pieces.insert(0, got)  # hop j lies before hop j - 1
+  if not pieces:
+    return {**{name: x[:, :0] for name, x in shard.items()}, 'index': jnp.zeros((b, 0), jnp.int32)}
+  return {name: jnp.concatenate([p[name] for p in pieces], axis=1) for name in pieces[0]}
+
+
+def sequence_parallel_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array,
+                                positions: jax.Array, window: int, block_size: int, axis: str) -> jax.Array:
+  """Sliding-window attention of rows split over mesh axis `axis`: each device attends its shard's queries to
+  its own keys and the W - 1 keys before them (`halo`); otherwise as `blockwise_attention`.
+
+  The other dimensions keep whatever sharding they have (batch over data, heads over tensor): only `axis` is
+  manual here. Positions are the rows' own (global), so RoPE and the window need nothing else.
+  """
+  def local(q, k, v, segment_ids, positions):
+    b, length = positions.shape
+    index = jax.lax.axis_index(axis) * length + jnp.broadcast_to(jnp.arange(length), (b, length))
+    shard = {'k': k, 'v': v, 'segment_ids': segment_ids, 'positions': positions}
+    context = halo(shard, window - 1, axis)
+    return blockwise_attention(q, k, v, segment_ids, positions, window, block_size, index=index,
+                               context=context)
+
+  spec = jax.sharding.PartitionSpec(None, axis)
+  return jax.shard_map(local, in_specs=(spec,) * 5, out_specs=spec, axis_names={axis},
+                       check_vma=False)(q, k, v, segment_ids, positions)
+
+
+def check_sequence_split(model_kwargs: Mapping[str, Any], length: int, shards: int) -> None:
+  """ValueError (one line) unless rows of `length` tokens can be split over `shards` devices, each attending
+  its own tokens and a halo of the window's keys from the shards before it (`sequence_parallel_attention`)."""
+  window = model_kwargs.get('sliding_window')
+  if window is None:
+    raise ValueError(f'sequence={shards}: splitting rows needs a sliding window (model.sliding_window); with full '
+                     'attention every shard needs every earlier key. Set a window or --config.mesh.sequence=1.')
+  if length % shards:
+    raise ValueError(f'the row length {length} is not divisible by the sequence axis ({shards} devices); use a '
+                     f'length that is a multiple of {shards}, or another --config.mesh.sequence.')
+  if window > length:
+    raise ValueError(f'sliding_window={window} is larger than the whole row ({length} tokens): every token sees '
+                     'its whole row and the halo would be the row itself; shrink the window or lengthen the rows.')
 
 
 def _cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array,
@@ -220,8 +311,15 @@ class Attention(nn.Module):
     # Query head h uses KV head h // group (HF repeat_kv order).
     q = q.reshape(*q.shape[:2], kv, self.num_heads // kv, d)
     new_cache = None
+    axis = sequence_axis() if cache is None else None
     if cache is not None:
       out, new_cache = _cached_attention(q, k, v, positions, cache, self.sliding_window)
+    elif axis is not None:
+      if self.sliding_window is None:
+        raise ValueError('sequence parallelism needs a sliding window (model.sliding_window): with full attention '
+                         'every shard needs every earlier key; map the length axis to no mesh axis instead.')
+      out = sequence_parallel_attention(q, k, v, segment_ids, positions, self.sliding_window, self.block_size,
+                                        axis)
     elif self.attention_impl == 'blockwise' and self.sliding_window is not None:
       out = blockwise_attention(q, k, v, segment_ids, positions, self.sliding_window,
                                 self.block_size)

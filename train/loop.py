@@ -22,7 +22,7 @@ import ml_collections
 import numpy as np
 
 from data import pipeline
-from train import adapters, cli, compute, evaluation, objectives, runs, sharding
+from train import adapters, build, cli, compute, evaluation, objectives, runs, sharding
 from train import checkpoint as checkpoint_lib
 from train import metrics as metrics_lib
 from train import profiling
@@ -68,6 +68,8 @@ def check_config(config, num_devices: int, process_count: int) -> tuple[int, ...
       raise ValueError(f'{name}={value!r} must be {"in [0, 1]" if most else ">= 0"}; set --config.{name}.')
   shape = sharding.mesh_shape(config.mesh, num_devices)
   data_parallel = shape[0] * shape[1]
+  if shape[2] > 1:
+    _check_sequence_split(config, shape[2])
   for name in ('batch_size', 'eval_batch_size'):
     size = config.get(name) or config.batch_size
     if size < 1:
@@ -83,6 +85,24 @@ def check_config(config, num_devices: int, process_count: int) -> tuple[int, ...
     raise ValueError(f'microbatches={microbatches!r} does not divide the per-device batch {per_device} '
                      f'(batch_size={config.batch_size} over data*fsdp={data_parallel}); use a divisor of {per_device}.')
   return shape
+
+
+def _check_sequence_split(config, shards: int) -> None:
+  """mesh.sequence > 1 splits each row's tokens over devices: the model must have a token axis it can split
+  (its module's check_sequence_split), the rules must map the token axis ('length') to 'sequence', and the
+  model must accept the config's row length over that many devices."""
+  module = build.model_module(config)
+  if not hasattr(module, 'check_sequence_split'):
+    raise ValueError(f'mesh.sequence={shards}: model_name={config.model_name!r} has no token axis to split over '
+                     'devices (sequence parallelism is for token models such as mistral); set --config.mesh.sequence=1.')
+  rule = str((config.get('sharding_rules') or {}).get('length') or '')
+  if 'sequence' not in [a.strip() for a in rule.split(',')]:
+    raise ValueError(f"mesh.sequence={shards} but sharding_rules.length={rule!r} does not name it: the tokens would "
+                     "not be split; set --config.sharding_rules.length=sequence.")
+  length = config.data.get('seq_len') or config.data.get('max_length')
+  if not length:
+    raise ValueError(f'mesh.sequence={shards} needs the row length (config.data.seq_len) to split it.')
+  module.check_sequence_split(build.model_kwargs(config), int(length), shards)
 
 
 def frozen_sources(config, objective) -> dict[str, str]:

@@ -153,7 +153,7 @@ def account(config, devices=None) -> Accounting:
 def report(accounting: Accounting, hardware: str | None = None) -> str:
   """The accounting as lines: the bytes per device of each part and their sum (against `hardware`'s memory)."""
   a = accounting
-  axes = ' '.join(f'{k}={v}' for k, v in a.mesh.items())
+  axes = sharding.mesh_text(a.mesh)
   lines = [f'dry run: {a.devices} devices | mesh {axes} | {a.params:,} parameters ({a.trainable_params:,} '
            f'trainable) | train step compiled in {a.compile_s:.1f} s, nothing allocated',
            'bytes per device:']

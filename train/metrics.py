@@ -12,7 +12,7 @@ from etils import epath
 import jax
 import numpy as np
 
-from train import paths
+from train import paths, sharding
 
 
 class MetricWriter:
@@ -244,7 +244,6 @@ def startup_line(devices, mesh, num_params: int, num_trainable: int, state: dict
   parts = {'trainable': state['trainable'], 'optimizer': state['opt_state'], 'ema': state.get('ema'),
            'frozen': frozen}
   sizes = {name: bytes_on_device(tree, device) for name, tree in parts.items() if tree is not None}
-  axes = ' '.join(f'{name}={size}' for name, size in mesh.shape.items())
-  return (f'start: {len(devices)} x {kinds} | mesh {axes} | {num_params:,} parameters ({num_trainable:,} '
+  return (f'start: {len(devices)} x {kinds} | mesh {sharding.mesh_text(mesh.shape)} | {num_params:,} parameters ({num_trainable:,} '
           f'trainable) | state {size_text(sum(sizes.values()))} per device ('
           + ', '.join(f'{name} {size_text(n)}' for name, n in sizes.items()) + ')')

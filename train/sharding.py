@@ -8,14 +8,26 @@ import jax
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 import numpy as np
 
-MESH_AXES = ('data', 'fsdp', 'tensor')
+# 'sequence' splits the token axis of every row (sequence parallelism: models whose module defines
+# check_sequence_split, e.g. the Mistral decoder's sliding-window halo exchange); 1 everywhere else.
+MESH_AXES = ('data', 'fsdp', 'sequence', 'tensor')
+# Axes a config may leave out (older configs and saved runs): their size.
+OPTIONAL_AXES = {'sequence': 1}
 # The batch dimension is split over every axis that holds a different slice of the data.
 BATCH_AXES = ('data', 'fsdp')
 
 
+def mesh_text(shape: Mapping[str, int]) -> str:
+  """'data=8 fsdp=1 tensor=1': the mesh's axes, leaving out an optional axis at its default."""
+  return ' '.join(f'{name}={size}' for name, size in shape.items() if OPTIONAL_AXES.get(name) != size)
+
+
 def mesh_shape(mesh_config: Mapping[str, int], num_devices: int) -> tuple[int, ...]:
   """Resolves the per-axis device counts (-1 = all the rest) and checks they cover the devices."""
-  sizes = [int(mesh_config[name]) for name in MESH_AXES]
+  missing = [name for name in MESH_AXES if name not in mesh_config and name not in OPTIONAL_AXES]
+  if missing:
+    raise ValueError(f'config.mesh has no {missing[0]!r} axis; give every one of {MESH_AXES} (-1: all the rest).')
+  sizes = [int(mesh_config.get(name, OPTIONAL_AXES.get(name))) for name in MESH_AXES]
   if sizes.count(-1) > 1:
     raise ValueError(f'mesh {dict(zip(MESH_AXES, sizes))}: at most one axis may be -1 (all the rest).')
   if any(s == 0 or s < -1 for s in sizes):
@@ -27,7 +39,8 @@ def mesh_shape(mesh_config: Mapping[str, int], num_devices: int) -> tuple[int, .
                        f'the {num_devices} devices; set --config.mesh.* to divisors of {num_devices}.')
     sizes[sizes.index(-1)] = num_devices // known
   if math.prod(sizes) != num_devices:
-    raise ValueError(f'mesh data={sizes[0]} x fsdp={sizes[1]} x tensor={sizes[2]} = {math.prod(sizes)} devices, '
+    axes = ' x '.join(f'{n}={s}' for n, s in zip(MESH_AXES, sizes) if OPTIONAL_AXES.get(n) != s)
+    raise ValueError(f'mesh {axes} = {math.prod(sizes)} devices, '
                      f'but {num_devices} are available; set --config.mesh.* so the product is {num_devices} '
                      '(-1 means all the rest).')
   return tuple(sizes)
@@ -82,7 +95,7 @@ def param_shardings(boxed_abstract_params, mesh, rules):
       sharding.shard_shape(shape)
     except ValueError:  # jax's IndivisibleError, many lines long and naming no parameter
       raise ValueError(f'parameter {"/".join(_path_key(path))} of shape {tuple(shape)} cannot be split as '
-                       f'{tuple(sharding.spec)} over the mesh {dict(mesh.shape)}; change config.mesh or '
+                       f'{tuple(sharding.spec)} over the mesh {mesh_text(mesh.shape)}; change config.mesh or '
                        'config.sharding_rules.') from None
   return shardings
 

@@ -77,11 +77,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 @pytest.fixture(scope='session')
 def kill_9_and_resume():
-  """fn(command, tmp_path, kill_at, last_step) -> (straight, killed, the straight run's stdout): `command(workdir)`
-  (a `python -m train` command line) run twice at once on one device, into tmp_path/'straight' untouched and
+  """fn(command, tmp_path, kill_at, last_step, devices=1) -> (straight, killed, the straight run's stdout):
+  `command(workdir)` (a `python -m train` command line) run twice at once on `devices` CPU devices, into tmp_path/'straight' untouched and
   tmp_path/'killed' killed with kill -9 once its checkpoint `kill_at` is complete, then rerun to the end."""
-  def run(command, tmp_path, kill_at, last_step):
-    env = _one_device_env()
+  def run(command, tmp_path, kill_at, last_step, devices=1):
+    env = dict(_one_device_env(), JAX_NUM_CPU_DEVICES=str(devices))
     straight, killed = tmp_path / 'straight', tmp_path / 'killed'
     reference = subprocess.Popen(command(straight), cwd=REPO, env=env, stdout=subprocess.PIPE,
                                  stderr=subprocess.PIPE, text=True)

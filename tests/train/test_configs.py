@@ -53,11 +53,11 @@ def test_mistral_7b_is_v01_at_pod_scale_and_shrinks():
   c = mistral_7b.get_config()
   assert (c.model.dtype, c.model.scan, c.model.remat, c.model.rope_theta) == ('bfloat16', True, 'save_proj', 1e4)
   assert loop.build_model(c) and __import__('models.mistral').mistral.param_count(c.model) == 7_241_732_096
-  assert sharding.mesh_shape(c.mesh, 64) == (1, 16, 4)
+  assert sharding.mesh_shape(c.mesh, 64) == (1, 16, 1, 4)
   assert c.model.num_kv_heads % c.mesh.tensor == 0  # K/V heads really split over the tensor axis
   rules = sharding.logical_rules(c.sharding_rules)
   assert dict(rules)['embed'] == 'fsdp' and dict(rules)['kv_heads'] == 'tensor'
   ft = mistral_7b.get_config('init=/ckpt/m7b')
   assert (ft.init_params, ft.data.tokenizer, ft.schedule.base_learning_rate) == ('/ckpt/m7b', '/ckpt/m7b/tokenizer.model', 1e-5)
   local = mistral_7b.get_config('runlocal=True')
-  assert sharding.mesh_shape(local.mesh, 8) == (1, 2, 4) and local.model.scan and local.model.dtype == 'bfloat16'
+  assert sharding.mesh_shape(local.mesh, 8) == (1, 2, 1, 4) and local.model.scan and local.model.dtype == 'bfloat16'

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from train import build, loop
+from train import build, cli, loop
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -40,7 +40,7 @@ def test_check_config_refuses_out_of_range_values(tiny_config, overrides, messag
 def test_check_config_accepts_the_documented_edges(tiny_config):
   """eval_every_steps=0 (never) and a learning rate of 0 (evaluate the initial parameters) are allowed."""
   assert _check(tiny_config('unused', eval_every_steps=0, **{'schedule.base_learning_rate': 0.0,
-                                                             'schedule.warmup_steps': 0})) == (8, 1, 1)
+                                                             'schedule.warmup_steps': 0})) == (8, 1, 1, 1)
 
 
 def test_model_names_are_the_models():
@@ -72,6 +72,9 @@ CONFIGS = {
                                      "['mistral', 'nfnet', 'vit']. (--traceback for details)"),
     (['--config.checkpoint_every_steps=0'], 'error: checkpoint_every_steps=0 must be a whole number of steps >= 1; '
                                             'set --config.checkpoint_every_steps. (--traceback for details)'),
+    (['--config.mesh.sequence=2'], "error: mesh.sequence=2: model_name='vit' has no token axis to split over devices "
+                                   '(sequence parallelism is for token models such as mistral); set '
+                                   '--config.mesh.sequence=1. (--traceback for details)'),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, args, line):
   for name, text in CONFIGS.items():
@@ -93,3 +96,18 @@ def test_the_first_run_on_a_new_data_dir_logs_no_warning(tmp_path, caplog):
   with caplog.at_level(logging.WARNING):
     assert len(sources.get_source('digits', 'test', str(tmp_path))) == 360
   assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
+@pytest.mark.parametrize('spec, overrides, message', [
+    ('configs/nfnet_digits.py', {}, r"^mesh.sequence=2: model_name='nfnet' has no token axis to split"),
+    ('configs/mistral_tiny.py', {'data.seq_len': 101}, r'^the row length 101 is not divisible by the sequence axis '
+                                                       r'\(2 devices\)'),
+    ('configs/mistral_tiny.py', {'data.seq_len': 32}, r'^sliding_window=64 is larger than the whole row \(32 tokens\)'),
+    ('configs/mistral_tiny.py', {'sharding_rules.length': ''}, r"^mesh.sequence=2 but sharding_rules.length='' does "
+                                                               'not name it'),
+])
+def test_a_sequence_axis_the_run_cannot_split_is_one_line(spec, overrides, message):
+  config = cli.load_config(spec, [f'--config.{k}={v}' for k, v in {'mesh.sequence': 2, **overrides}.items()])
+  with pytest.raises(ValueError, match=message) as e:
+    loop.check_config(config, num_devices=8, process_count=1)
+  assert '\n' not in str(e.value)

@@ -27,7 +27,7 @@ def test_dry_run_bytes_equal_a_real_runs_arrays(tiny_mistral_config):
   assert jax.device_count() == 8
   config = _qlora_on_8_devices(tiny_mistral_config)
   counted = memory.account(config)
-  assert counted.mesh == {'data': 1, 'fsdp': 4, 'tensor': 2} and counted.devices == 8
+  assert counted.mesh == {'data': 1, 'fsdp': 4, 'sequence': 1, 'tensor': 2} and counted.devices == 8
 
   # The same run's state and frozen base, allocated for real, and their bytes on the first device.
   mesh = sharding.make_mesh(config.mesh, jax.devices())
@@ -51,7 +51,7 @@ def test_dry_run_bytes_equal_a_real_runs_arrays(tiny_mistral_config):
   # before anything compiles.
   config.mesh = common.mesh(data=1, fsdp=2, tensor=4)
   with pytest.raises(ValueError, match=r"^parameter layer_0/attn/key/kernel of shape \(32, 2, 8\) cannot be "
-                     r"split as \('fsdp', 'tensor', None\) over the mesh \{'data': 1, 'fsdp': 2, 'tensor': 4\}; "
+                     r"split as \('fsdp', 'tensor', None\) over the mesh data=1 fsdp=2 tensor=4; "
                      r"change config.mesh or config.sharding_rules.$"):
     memory.account(config)
 

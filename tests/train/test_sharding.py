@@ -9,9 +9,10 @@ from train import sharding
 
 
 @pytest.mark.parametrize('config, shape', [
-    ({'data': -1, 'fsdp': 1, 'tensor': 1}, (8, 1, 1)),
-    ({'data': 2, 'fsdp': -1, 'tensor': 2}, (2, 2, 2)),
-    ({'data': 2, 'fsdp': 4, 'tensor': 1}, (2, 4, 1)),
+    ({'data': -1, 'fsdp': 1, 'tensor': 1}, (8, 1, 1, 1)),  # 'sequence' left out: 1
+    ({'data': 2, 'fsdp': -1, 'tensor': 2}, (2, 2, 1, 2)),
+    ({'data': 2, 'fsdp': 4, 'tensor': 1}, (2, 4, 1, 1)),
+    ({'data': 2, 'fsdp': 1, 'sequence': -1, 'tensor': 1}, (2, 1, 4, 1)),
 ])
 def test_mesh_shape_resolves_minus_one(config, shape):
   assert sharding.mesh_shape(config, 8) == shape
@@ -21,6 +22,8 @@ def test_mesh_shape_resolves_minus_one(config, shape):
     ({'data': 2, 'fsdp': 3, 'tensor': 1}, 'data=2 x fsdp=3 x tensor=1 = 6 devices, but 8 are available'),
     ({'data': 3, 'fsdp': -1, 'tensor': 1}, 'do not divide the 8 devices'),
     ({'data': -1, 'fsdp': -1, 'tensor': 1}, 'at most one axis may be -1'),
+    ({'data': 2, 'fsdp': 1, 'sequence': 2, 'tensor': 1}, 'data=2 x fsdp=1 x sequence=2 x tensor=1 = 4 devices'),
+    ({'data': 2, 'tensor': 1}, "config.mesh has no 'fsdp' axis"),
 ])
 def test_mesh_that_does_not_fit_is_one_clear_line(config, message):
   with pytest.raises(ValueError, match=message) as e:

@@ -99,15 +99,16 @@ def parse_accelerator(name: str) -> Slice:
 def check(spec: str, overrides, accel: Slice) -> str:
   """One 'ok: ...' line if the config's mesh and batch fit the slice; ValueError with the reason if not."""
   config = cli.load_config(spec, overrides)
-  from train import loop  # Imports jax: only when a config is checked.
+  from train import loop, sharding  # Import jax: only when a config is checked.
   where = f'{spec} on {accel.name}: {accel.devices} devices ({_plural(accel.hosts, "host")})'
   try:
-    data, fsdp, tensor = loop.check_config(config, num_devices=accel.devices, process_count=accel.hosts)
+    data, fsdp, sequence, tensor = loop.check_config(config, num_devices=accel.devices, process_count=accel.hosts)
   except ValueError as e:
     raise ValueError(f'{where}: {" ".join(str(e).split())}') from None
   rows = config.batch_size // (data * fsdp)
   share = f'{rows} per device' if tensor == 1 else f'{rows} per group of {tensor} tensor-parallel devices'
-  return f'ok: {where}, mesh data={data} fsdp={fsdp} tensor={tensor}, global batch {config.batch_size} = {share}'
+  axes = sharding.mesh_text({'data': data, 'fsdp': fsdp, 'sequence': sequence, 'tensor': tensor})
+  return f'ok: {where}, mesh {axes}, global batch {config.batch_size} = {share}'
 
 
 def _plural(n: int, word: str) -> str:
