@@ -16,6 +16,13 @@ Memory: f32 parameters, AdamW moments and gradients are 16 bytes x 7.24B = 116 G
 devices (a v4-64's 32 chips: 3.6 GB each) plus bf16 activations of the saved projections. The mesh is
 data=1, fsdp=-1 (all devices), tensor=4 (8 K/V heads split in 4; query heads, MLP and vocabulary too).
 
+Long context (`:context=N`, e.g. 131072): rows of N tokens split over a `sequence` mesh axis of N / 8192 devices
+(8,192 tokens each; the sliding window takes the 4,095 keys before each shard from its neighbour, a halo that does
+not grow with N), tensor=4 within, fsdp over the rest; 16 rows of N tokens per step, one row per micro-batch
+and group of sequence x tensor devices. Its bytes per device on a
+v5p-128 (64 chips), without allocating anything:
+  JAX_NUM_CPU_DEVICES=64 python -m train --config=configs/mistral_7b.py:context=131072 --dry_run --hardware=tpu_v5p
+
 Shrunk to run locally with the same structure (2 scanned, rematerialised bf16 layers on 8 CPU devices as
 fsdp=2 x tensor=4, byte tokens, the embedded standard-library corpus):
   python -m train --config=configs/mistral_7b.py:runlocal=True --workdir=/tmp/mistral_7b_local
@@ -24,12 +31,13 @@ import ml_collections
 
 from configs import common
 
+LONG_SHARD = 8192  # tokens of a row per device with `context`: the rows' length at 4k-16k contexts on one device
 SHAPES = dict(embed_dim=4096, num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128, mlp_dim=14336,
               sliding_window=4096, vocab_size=32000, norm_eps=1e-5, rope_theta=10_000.0, tie_embeddings=False)
 
 
 def get_config(arg=None):
-  arg = common.parse_arg(arg, init='', tokenizer='', runlocal=False)
+  arg = common.parse_arg(arg, init='', tokenizer='', runlocal=False, context=0)
   finetune = bool(arg.init)
   c = ml_collections.ConfigDict()
   c.seed = 0
@@ -62,6 +70,14 @@ def get_config(arg=None):
   c.sharding_rules = common.sharding_rules()
   c.profile_steps = common.profile_steps()  # e.g. (10, 15): a jax.profiler trace of steps 10-14
 
+  if arg.context:
+    if arg.context % LONG_SHARD:
+      raise ValueError(f'context={arg.context} is not a multiple of {LONG_SHARD} (the tokens one device holds).')
+    c.data.seq_len = arg.context
+    c.batch_size = c.eval_batch_size = 16
+    # A row spans sequence x tensor devices: one row at a time through each group (what bounds the activations).
+    c.microbatches = 16
+    c.mesh = common.mesh(data=1, fsdp=-1, sequence=arg.context // LONG_SHARD, tensor=4)
   if arg.runlocal:
     c.model.update(embed_dim=64, num_layers=2, num_heads=8, num_kv_heads=4, head_dim=8, mlp_dim=128,
                    sliding_window=32, vocab_size=320, block_size=32)

@@ -6,7 +6,9 @@ Config fields and defaults (besides data_dir, shuffle, num_threads, prefetch: `C
                                      `local_text` config `text.files_config(files)`
   train_split  'train'               eval_split  'validation'
   tokenizer    'bytes'               or a path to a SentencePiece `.model` (see `tokenizers`)
-  seq_len      required              tokens per row
+  seq_len      required              tokens per row (with grow_length: of the evaluation rows only)
+  grow_length  None                  GrowLength: ((0, 128), (1000, 512), ...), the training rows' length
+                                     from each start step on (`packing.pack_growing`); evaluation keeps seq_len
   num_train_examples  None           the train split's rows, to skip tokenizing it to count them
 
 Batches, in training and eval alike, are dicts of int32 [B, seq_len] with the features
@@ -44,7 +46,7 @@ class PackedText(base.DataFormat):
   """Tokenized documents packed into rows of `seq_len`; see the module docstring."""
   name = 'packed_text'
   defaults = {**base.COMMON_DEFAULTS, 'name': 'local_text/stdlib', 'files': None,
-              'train_split': 'train', 'eval_split': 'validation', 'tokenizer': 'bytes'}
+              'train_split': 'train', 'eval_split': 'validation', 'tokenizer': 'bytes', 'grow_length': None}
 
   def _source(self, config, split_key):
     files = self.cfg(config, 'files')
@@ -77,7 +79,11 @@ class PackedText(base.DataFormat):
     if self.cfg(config, 'shuffle'):
       ds = ds.shuffle(seed=shuffle_seed)
     ds = ds.repeat().map(tokenize).to_iter_dataset(self.read_options(config))
-    ds = packing.pack(ds, seq_len, tokenize.tokenizer.pad_id)
+    stages = self.cfg(config, 'grow_length')
+    if stages:
+      ds = packing.pack_growing(ds, stages, batch_size, tokenize.tokenizer.pad_id)
+    else:
+      ds = packing.pack(ds, seq_len, tokenize.tokenizer.pad_id)
     return iter(ds.batch(batch_size, drop_remainder=True))
 
   def eval_iter(self, config, *, global_batch_size, process_index,

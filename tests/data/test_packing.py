@@ -57,6 +57,60 @@ def test_pack_pads_with_the_pad_id_and_rejects_short_rows():
     packing.pack(ds.to_iter_dataset(), 1)
 
 
+def _docs(seed, count=60):
+  rng = np.random.default_rng(seed)
+  return [np.concatenate([[1], rng.integers(3, 259, size=n), [2]]).astype(np.int32)
+          for n in rng.integers(0, 150, size=count)]
+
+
+def _stream(docs):
+  return grain.MapDataset.source(docs).map(lambda t: {'tokens': t}).to_iter_dataset()
+
+
+@pytest.mark.parametrize('seq_len', [2, 7, 64])
+def test_growing_pack_at_one_length_equals_grains_packer(seq_len):
+  """One stage: row for row what grain's concat-then-split packing (`pack`) makes of the same stream."""
+  docs = _docs(seq_len)
+  ours = list(packing.pack_growing(_stream(docs), ((0, seq_len),), rows_per_step=3))
+  theirs = list(packing.pack(_stream(docs), seq_len))
+  assert len(ours) == len(theirs)
+  for a, b in zip(ours, theirs):
+    for key in packing.FEATURES:
+      np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def test_growing_pack_follows_the_schedule_and_keeps_the_stream():
+  """Rows of step s have the stage's length; every token appears once, in order, across the changes; the
+  state taken inside the second stage resumes exactly."""
+  docs, stages = _docs(1, count=200), ((0, 16), (5, 48), (9, 96))
+  rows = list(packing.pack_growing(_stream(docs), stages, rows_per_step=2))
+  for i, row in enumerate(rows[:-1]):
+    step = i // 2
+    assert len(row['tokens']) == packing.stage_length(stages, step) == (16 if step < 5 else 48 if step < 9 else 96)
+  pieces = [piece for r in rows for piece in check_row(r, len(r['tokens']))]
+  assert np.concatenate(pieces).tolist() == np.concatenate(docs).tolist()
+  it = iter(packing.pack_growing(_stream(docs), stages, rows_per_step=2))
+  for _ in range(13):  # step 6, in the second stage, a document cut at the last row's end
+    next(it)
+  state = it.get_state()
+  fresh = iter(packing.pack_growing(_stream(docs), stages, rows_per_step=2))
+  fresh.set_state(state)
+  for a, b in zip([next(fresh) for _ in range(8)], rows[13:21]):
+    for key in packing.FEATURES:
+      np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+@pytest.mark.parametrize('stages, message', [
+    (((1, 16),), 'must start at step 0'),
+    (((0, 16), (0, 32)), 'the start steps must increase'),
+    (((0, 16), (4, 1)), 'every seq_len be >= 2'),
+    ((16, 32), 'is not a sequence of \\(start_step, seq_len\\) pairs'),
+])
+def test_bad_growing_schedules_are_one_line(stages, message):
+  with pytest.raises(ValueError, match=message):
+    packing.check_stages(stages)
+
+
 def lm_config(data_dir, corpus, **kw):
   return dict(name='local_text', files=str(corpus / '**' / '*.txt'), data_dir=data_dir, **kw)
 
