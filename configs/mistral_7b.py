@@ -50,7 +50,8 @@ def get_config(arg=None):
   tokenizer = arg.tokenizer or (f'{arg.init}/tokenizer.model' if finetune else 'bytes')
   c.data = dict(format='packed_text', name='local_text/stdlib', files=common.optional(str),
                 data_dir=common.optional(str), train_split='train', eval_split='validation',
-                tokenizer=tokenizer, seq_len=8192, num_threads=16, prefetch=4)
+                tokenizer=tokenizer, seq_len=8192, num_threads=16, prefetch=4,
+                grow_length=common.optional(tuple))  # GrowLength, e.g. ((0, 1024), (20_000, 8192))
   # Pre-training: 4M tokens per step; finetuning: 0.5M.
   c.batch_size = 64 if finetune else 512
   c.eval_batch_size = c.batch_size

@@ -26,7 +26,8 @@ def get_config(arg=None):
 
   c.data = dict(format='packed_text', name='local_text/stdlib', files=common.optional(str),
                 data_dir=common.optional(str), train_split='train', eval_split='validation',
-                tokenizer='bytes', seq_len=256, num_threads=2, prefetch=2)
+                tokenizer='bytes', seq_len=256, num_threads=2, prefetch=2,
+                grow_length=common.optional(tuple))  # GrowLength, e.g. ((0, 64), (200, 256))
   c.batch_size = 16
   c.eval_batch_size = 16
   c.total_steps = 400

@@ -8,7 +8,9 @@ Frozen trees: the adapter's `base`, and each tree the objective needs (`objectiv
 `config.frozen` provides by name: `'init'` (the run's initial parameters: init_params, or the seeded init) or
 the path of an imported model or a workdir. They are rebuilt at every start, fresh or resumed, and never saved.
 """
+import functools
 import json
+import math
 import os
 import signal
 import threading
@@ -102,7 +104,8 @@ def _check_sequence_split(config, shards: int) -> None:
   length = config.data.get('seq_len') or config.data.get('max_length')
   if not length:
     raise ValueError(f'mesh.sequence={shards} needs the row length (config.data.seq_len) to split it.')
-  module.check_sequence_split(build.model_kwargs(config), int(length), shards)
+  for n in (int(length), *(n for _, n in (config.data.get('grow_length') or ()))):  # and every GrowLength stage's
+    module.check_sequence_split(build.model_kwargs(config), n, shards)
 
 
 def frozen_sources(config, objective) -> dict[str, str]:
@@ -294,7 +297,7 @@ def _train(config, workdir: str, devices, lock: workdir_lib.Lock) -> dict[str, A
     if latest is None:
       starts_from_init = not (config.get('init_params') or config.get('init_params_exclude'))
       state, base = fns.init(fns.init_key) if starts_from_init else fns.start(_initial_params(config, fns))
-      meta = {'core_hours': 0.0}
+      meta = {'core_hours': 0.0, 'train_flops': 0.0, 'train_tokens': 0}
     elif state_lib.BASE in fns.frozen_shardings:
       _, base = fns.split(_initial_params(config, fns))
     if state_lib.BASE in fns.frozen_shardings:
@@ -340,10 +343,19 @@ def _train(config, workdir: str, devices, lock: workdir_lib.Lock) -> dict[str, A
     def save(at_step):
       nonlocal last_saved
       check_finite()
-      checkpointer.save(at_step, state, train_iter, {'core_hours': progress.core_hours(), 'example_input': example_spec})
+      checkpointer.save(at_step, state, train_iter, {'core_hours': progress.core_hours(), 'example_input': example_spec,
+                                                     'train_flops': seen['flops'], 'train_tokens': seen['tokens']})
       last_saved = at_step
 
     train_step = None
+    # Training FLOPs and tokens so far, summed per step: a batch's shape may change during a run (GrowLength's
+    # growing rows), and with it the FLOPs of an example. A checkpoint from before these were kept: the
+    # constant-shape product.
+    seen = {'flops': float(meta.get('train_flops', step * config.batch_size * flops_per_example)),
+            'tokens': int(meta.get('train_tokens', step * config.batch_size * math.prod(input_shape)))}
+    token_rows = len(input_shape) == 1  # token models: an example's input is a row of token ids
+    flops_of_shape = functools.cache(lambda shape: compute.train_flops_per_example(config, shape))
+    step_shape = None
     once = {'compute/flops_per_example_analytic': flops_per_example,  # On the first logged line.
             'compute/params': adapters.num_elements(fns.abstract_params),
             'compute/trainable_params': adapters.num_elements(fns.abstract_state['trainable'])}
@@ -364,7 +376,8 @@ def _train(config, workdir: str, devices, lock: workdir_lib.Lock) -> dict[str, A
         once['compute/flops_per_example_xla'] = xla
       if process_index == 0:
         how = 'reused from an earlier run in this process' if reused else 'compiled in'
-        print(f'{compute.flops_line(flops_per_example, xla)} | train step {how} '
+        shape = tuple(objective.example_input(batch).shape[1:])
+        print(f'{compute.flops_line(flops_of_shape(shape), xla)} | train step for {shape} {how} '
               f'{time.perf_counter() - started:.1f} s', flush=True)
       return compiled
 
@@ -383,11 +396,14 @@ def _train(config, workdir: str, devices, lock: workdir_lib.Lock) -> dict[str, A
           profiler.before_step(step)
           batch = sharding.global_batch(next(train_iter), fns.batch_sharding)
           learning_rate = fns.learning_rates[step]
-          if train_step is None:
-            train_step = compile_train_step(state, batch, learning_rate)
+          shape = tuple(objective.example_input(batch).shape[1:])
+          if shape != step_shape:  # The first step, or a new row length: one compilation per shape.
+            train_step, step_shape = compile_train_step(state, batch, learning_rate), shape
           with profiler.annotate(step):
             state, step_metrics = train_step(state, frozen, batch, learning_rate)
           step += 1
+          seen['flops'] += config.batch_size * flops_of_shape(shape)
+          seen['tokens'] += config.batch_size * math.prod(shape)
           profiler.after_step(step, (state, step_metrics))
           pending.append((step, step_metrics))
           is_last = step == config.total_steps
@@ -395,9 +411,10 @@ def _train(config, workdir: str, devices, lock: workdir_lib.Lock) -> dict[str, A
           if step % config.log_every_steps == 0 or is_last:
             _, logged = check_finite()
             perf = progress.update(step)
-            train_flops = step * config.batch_size * flops_per_example
             record.update(logged, **perf, **once,
-                          **compute.progress_metrics(train_flops, perf['compute/core_hours'], hardware))
+                          **compute.progress_metrics(seen['flops'], perf['compute/core_hours'], hardware))
+            if token_rows:
+              record['compute/train_tokens'] = seen['tokens']
             once.clear()
             progress.line(step, logged['train/loss'], perf)
           due = [e for e in evaluators if e.spec.due(step, is_last)]

@@ -1,0 +1,37 @@
+"""GrowLength through the loop: rows that lengthen by stages, one compilation per length, an exact resume inside
+a later stage, and FLOP and token counts that follow the length."""
+import sys
+
+from data import pipeline, text
+from train import metrics as metrics_lib
+
+STAGES = ((0, 16), (15, 32))  # 15 steps of 16 tokens, then rows of 32
+
+
+def test_stages_resume_bitwise_after_kill_9_and_count_every_token(tiny_mistral_config, tmp_path, kill_9_and_resume):
+  """Killed with kill -9 after checkpoint 20 (inside the second stage) and rerun, the run ends as the
+  uninterrupted one; both count 15 x 8 x 16 + 25 x 8 x 32 tokens, on a mesh that splits each row in two."""
+  c = tiny_mistral_config
+  overrides = {
+      'model.embed_dim': 32, 'model.num_layers': 2, 'model.num_heads': 4, 'model.num_kv_heads': 2,
+      'model.head_dim': 8, 'model.mlp_dim': 64, 'model.sliding_window': 8, 'model.block_size': 8,
+      'data.files': c.data.files, 'data.data_dir': c.data.data_dir, 'data.seq_len': 32, 'data.num_threads': 1,
+      'data.prefetch': 1, 'data.grow_length': repr(STAGES).replace(' ', ''), 'batch_size': 8,
+      'eval_batch_size': 8, 'total_steps': 40, 'log_every_steps': 5, 'eval_every_steps': 40,
+      'checkpoint_every_steps': 10, 'schedule.warmup_steps': 5, 'mesh.data': 1, 'mesh.sequence': 2,
+  }
+  pipeline.get_source('local_text', 'train', c.data.data_dir, builder_config=text.files_config(c.data.files))
+  command = lambda workdir: [sys.executable, '-m', 'train', '--config=configs/mistral_tiny.py',
+                             f'--workdir={workdir}', *(f'--config.{k}={v}' for k, v in overrides.items())]
+  straight, killed, out = kill_9_and_resume(command, tmp_path, kill_at=20, last_step=40, devices=2)
+  assert out.count('train step for (16,) compiled in') == 1 and out.count('train step for (32,) compiled in') == 1
+  strip = lambda w: [{k: v for k, v in r.items() if k.startswith(('train/', 'eval/', 'step', 'compute/train_'))}
+                     for r in metrics_lib.read_metrics(str(w))]
+  assert strip(killed) == strip(straight)
+  last = metrics_lib.read_metrics(str(straight))[-1]
+  assert last['compute/train_tokens'] == 15 * 8 * 16 + 25 * 8 * 32
+  by_step = {r['step']: r for r in metrics_lib.read_metrics(str(straight)) if 'compute/train_flops' in r}
+  # A step of 32-token rows costs twice one of 16 (the window of 8 is shorter than both rows, so a token's
+  # attention costs the same in both).
+  per_step = lambda a, b: (by_step[b]['compute/train_flops'] - by_step[a]['compute/train_flops']) / (b - a)
+  assert per_step(20, 25) == 2 * per_step(5, 10) > 0
