@@ -7,6 +7,11 @@ matters), grouped-query attention with 2 K/V heads for 4 query heads.
   python -m train --config=configs/mistral_tiny.py --workdir=workdirs/mistral_tiny
 
 Your own corpus instead: --config.data.files='/path/to/texts/**/*.txt'.
+
+Each row split over 4 devices (sequence parallelism: the window's keys cross shards by a halo exchange), and
+rows that grow from 64 to 256 tokens (GrowLength):
+  JAX_NUM_CPU_DEVICES=4 python -m train --config=configs/mistral_tiny.py --workdir=workdirs/mistral_seq4 \
+      --config.mesh.data=1 --config.mesh.sequence=4 --config.data.grow_length='((0,64),(100,128),(200,256))'
 """
 import ml_collections
 

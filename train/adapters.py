@@ -48,7 +48,8 @@ def num_elements(tree) -> int:
   """Elements of every leaf of a parameter tree (arrays, ShapeDtypeStructs or logical-axis boxes)."""
   total = 0
   for leaf in _flat(tree).values():
-    leaf = leaf.unbox() if isinstance(leaf, nn.meta.AxisMetadata) else leaf
+    # No sharding constraint: counting must work inside a mesh's rules too (the loop counts a new shape there).
+    leaf = leaf.unbox(apply_constraint=False) if isinstance(leaf, nn.meta.AxisMetadata) else leaf
     size = 1
     for d in getattr(leaf, 'shape', ()):
       size *= d

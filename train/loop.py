@@ -8,7 +8,6 @@ Frozen trees: the adapter's `base`, and each tree the objective needs (`objectiv
 `config.frozen` provides by name: `'init'` (the run's initial parameters: init_params, or the seeded init) or
 the path of an imported model or a workdir. They are rebuilt at every start, fresh or resumed, and never saved.
 """
-import functools
 import json
 import math
 import os
@@ -96,7 +95,8 @@ def _check_sequence_split(config, shards: int) -> None:
   module = build.model_module(config)
   if not hasattr(module, 'check_sequence_split'):
     raise ValueError(f'mesh.sequence={shards}: model_name={config.model_name!r} has no token axis to split over '
-                     'devices (sequence parallelism is for token models such as mistral); set --config.mesh.sequence=1.')
+                     'devices (sequence parallelism is for token models: their module defines check_sequence_split); set '
+                     '--config.mesh.sequence=1.')
   rule = str((config.get('sharding_rules') or {}).get('length') or '')
   if 'sequence' not in [a.strip() for a in rule.split(',')]:
     raise ValueError(f"mesh.sequence={shards} but sharding_rules.length={rule!r} does not name it: the tokens would "
@@ -354,13 +354,18 @@ def _train(config, workdir: str, devices, lock: workdir_lib.Lock) -> dict[str, A
     seen = {'flops': float(meta.get('train_flops', step * config.batch_size * flops_per_example)),
             'tokens': int(meta.get('train_tokens', step * config.batch_size * math.prod(input_shape)))}
     token_rows = len(input_shape) == 1  # token models: an example's input is a row of token ids
-    flops_of_shape = functools.cache(lambda shape: compute.train_flops_per_example(config, shape))
+    flops_by_shape = {tuple(input_shape): flops_per_example}
+
+    def flops_of_shape(shape):
+      if shape not in flops_by_shape:
+        flops_by_shape[shape] = compute.train_flops_per_example(config, shape)
+      return flops_by_shape[shape]
     step_shape = None
     once = {'compute/flops_per_example_analytic': flops_per_example,  # On the first logged line.
             'compute/params': adapters.num_elements(fns.abstract_params),
             'compute/trainable_params': adapters.num_elements(fns.abstract_state['trainable'])}
 
-    def compile_train_step(state, batch, learning_rate):
+    def compile_train_step(state, batch, learning_rate, shape):
       """Compiles the train step ahead of time, once: XLA's FLOP count comes from the same lowering. An earlier
       run of the same program in this process (a sweep) left it in `fns.compiled`."""
       started = time.perf_counter()
@@ -376,8 +381,8 @@ def _train(config, workdir: str, devices, lock: workdir_lib.Lock) -> dict[str, A
         once['compute/flops_per_example_xla'] = xla
       if process_index == 0:
         how = 'reused from an earlier run in this process' if reused else 'compiled in'
-        shape = tuple(objective.example_input(batch).shape[1:])
-        print(f'{compute.flops_line(flops_of_shape(shape), xla)} | train step for {shape} {how} '
+        what = 'train step' if step_shape is None else f'train step for the new input shape {shape}'
+        print(f'{compute.flops_line(flops_of_shape(shape), xla)} | {what} {how} '
               f'{time.perf_counter() - started:.1f} s', flush=True)
       return compiled
 
@@ -394,11 +399,14 @@ def _train(config, workdir: str, devices, lock: workdir_lib.Lock) -> dict[str, A
               print(f'preempted at step {step}: checkpoint saved; rerun the same command to resume.', flush=True)
             break
           profiler.before_step(step)
-          batch = sharding.global_batch(next(train_iter), fns.batch_sharding)
+          local = next(train_iter)
+          # From this process's numpy rows: slicing the global batch would run a program (on one process only
+          # where only it asks, a collective the others never join).
+          shape = tuple(objective.example_input(local).shape[1:])
+          batch = sharding.global_batch(local, fns.batch_sharding)
           learning_rate = fns.learning_rates[step]
-          shape = tuple(objective.example_input(batch).shape[1:])
           if shape != step_shape:  # The first step, or a new row length: one compilation per shape.
-            train_step, step_shape = compile_train_step(state, batch, learning_rate), shape
+            train_step, step_shape = compile_train_step(state, batch, learning_rate, shape), shape
           with profiler.annotate(step):
             state, step_metrics = train_step(state, frozen, batch, learning_rate)
           step += 1

@@ -24,7 +24,8 @@ def test_stages_resume_bitwise_after_kill_9_and_count_every_token(tiny_mistral_c
   command = lambda workdir: [sys.executable, '-m', 'train', '--config=configs/mistral_tiny.py',
                              f'--workdir={workdir}', *(f'--config.{k}={v}' for k, v in overrides.items())]
   straight, killed, out = kill_9_and_resume(command, tmp_path, kill_at=20, last_step=40, devices=2)
-  assert out.count('train step for (16,) compiled in') == 1 and out.count('train step for (32,) compiled in') == 1
+  assert out.count('train step compiled in') == 1  # rows of 16
+  assert out.count('train step for the new input shape (32,) compiled in') == 1
   strip = lambda w: [{k: v for k, v in r.items() if k.startswith(('train/', 'eval/', 'step', 'compute/train_'))}
                      for r in metrics_lib.read_metrics(str(w))]
   assert strip(killed) == strip(straight)

@@ -73,8 +73,8 @@ CONFIGS = {
     (['--config.checkpoint_every_steps=0'], 'error: checkpoint_every_steps=0 must be a whole number of steps >= 1; '
                                             'set --config.checkpoint_every_steps. (--traceback for details)'),
     (['--config.mesh.sequence=2'], "error: mesh.sequence=2: model_name='vit' has no token axis to split over devices "
-                                   '(sequence parallelism is for token models such as mistral); set '
-                                   '--config.mesh.sequence=1. (--traceback for details)'),
+                                   '(sequence parallelism is for token models: their module defines '
+                                   'check_sequence_split); set --config.mesh.sequence=1. (--traceback for details)'),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, args, line):
   for name, text in CONFIGS.items():
