@@ -59,7 +59,7 @@ def get_config(arg=None):
   c.seed = 0
   c.model_name = 'nfnet'
   c.model = dict(variant=arg.model, num_classes=num_classes, dropout=0.0, stochastic_depth=0.0,
-                 numerics='deepmind', plus_stage1_width='public', dtype='bfloat16', conv_impl='native')
+                 numerics='deepmind', plus_stage1_width='public', dtype='bfloat16', conv_impl='auto')
   c.task = dict(name='classification', label_smoothing=0.0)
   c.data = common.study_image_data(arg.dataset, TRAIN_RES, EVAL_RES)
   c.evals, select_eval = common.study_held_out(c.data, arg.dataset)

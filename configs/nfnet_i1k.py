@@ -47,7 +47,7 @@ def get_config(arg=None):
   c.model_name = 'nfnet'
   c.model = dict(variant=arg.variant, num_classes=1000, dropout=dropout, stochastic_depth=0.25,
                  numerics='deepmind', plus_stage1_width=arg.plus_stage1_width, dtype='bfloat16',
-                 conv_impl='native')  # 'auto': taps on CPU, native on TPU and GPU (models/nfnet.conv_same).
+                 conv_impl='auto')  # taps on CPU, native on TPU and GPU (models/nfnet.resolve_conv_impl).
   c.task = dict(name='classification', label_smoothing=0.1)
 
   normalize = f'standardize({MEAN_RGB}, {STDDEV_RGB})'

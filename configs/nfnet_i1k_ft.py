@@ -58,7 +58,7 @@ def get_config(arg=None):
   c.seed = 0
   c.model_name = 'nfnet'
   c.model = dict(variant=arg.variant, num_classes=1000, dropout=0.25, stochastic_depth=0.1, numerics='deepmind',
-                 plus_stage1_width='public', dtype='bfloat16', conv_impl='native')
+                 plus_stage1_width='public', dtype='bfloat16', conv_impl='auto')
   c.task = dict(name='classification', label_smoothing=0.0)
   c.init_params = common.optional(str)  # a pretraining workdir or an imported model: given on the command line
   c.init_params_exclude = 'head/.*'

@@ -214,8 +214,10 @@ def sequence_parallel_attention(q: jax.Array, k: jax.Array, v: jax.Array, segmen
                                context=context)
 
   spec = jax.sharding.PartitionSpec(None, axis)
-  return jax.shard_map(local, in_specs=(spec,) * 5, out_specs=spec, axis_names={axis},
-                       check_vma=False)(q, k, v, segment_ids, positions)
+  split = jax.shard_map(local, in_specs=(spec,) * 5, out_specs=spec, axis_names={axis}, check_vma=False)
+  # Under jit also when called eagerly (an init outside a jitted step): jax's eager path of a shard_map manual
+  # over some axes only rejects the others. Inside a jitted step this jit is inlined.
+  return jax.jit(split)(q, k, v, segment_ids, positions)
 
 
 def check_sequence_split(model_kwargs: Mapping[str, Any], length: int, shards: int) -> None:

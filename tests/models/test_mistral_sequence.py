@@ -11,7 +11,8 @@ import pytest
 
 from models import mistral
 
-RULES = (('batch', 'data'), ('length', 'sequence'), ('act_embed', None))
+RULES = (('batch', 'data'), ('length', 'sequence'), ('act_embed', None), ('embed', 'fsdp'), ('heads', 'tensor'),
+         ('kv_heads', 'tensor'), ('mlp', 'tensor'), ('vocab', 'tensor'), ('head_dim', None), ('layers', None))
 
 
 def _model(window, block_size=8, **kw):
@@ -45,13 +46,17 @@ def _loss(model):
   return jax.value_and_grad(loss, has_aux=True)
 
 
-def _split(model, params, rows, data, sequence):
-  """(loss, logits), grads of `rows` on a data x sequence mesh of the first data * sequence devices, and the
-  compiled program's text."""
-  mesh = jax.make_mesh((data, sequence), ('data', 'sequence'), axis_types=(AxisType.Auto,) * 2,
-                       devices=jax.devices()[:data * sequence])
+def _split(model, params, rows, data, sequence, fsdp=1, tensor=1):
+  """(loss, logits), grads of `rows` on a data x fsdp x sequence x tensor mesh of the first devices (the
+  parameters sharded by their logical axes), and the compiled program's text."""
+  sizes = (data, fsdp, sequence, tensor)
+  mesh = jax.make_mesh(sizes, ('data', 'fsdp', 'sequence', 'tensor'), axis_types=(AxisType.Auto,) * 4,
+                       devices=jax.devices()[:int(np.prod(sizes))])
   with jax.set_mesh(mesh), nn.logical_axis_rules(RULES):
     placed = [jax.device_put(x, NamedSharding(mesh, P('data', 'sequence'))) for x in rows]
+    boxed = model.init({'params': jax.random.key(0)}, rows[0])['params']
+    shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, RULES)
+    params = jax.device_put(params, shardings)
     step = jax.jit(_loss(model))
     return step(params, *placed), step.lower(params, *placed).compile().as_text()
 
@@ -60,19 +65,21 @@ def _relative(a, b):
   return float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
 
 
-@pytest.mark.parametrize('window, packed, data, sequence, scan', [
-    (8, False, 1, 4, False),    # the window within one shard of 16 tokens
-    (24, False, 1, 4, False),   # spanning two shards: two hops
-    (40, True, 1, 4, True),     # three hops, packed documents across the boundaries, scanned layers
-    (24, True, 2, 2, False),    # data=2 x sequence=2
-    (64, False, 1, 4, False),   # the window as long as the row: the first shard's keys reach the last
+@pytest.mark.parametrize('window, packed, mesh, scan', [
+    (8, False, dict(sequence=4), False),          # the window within one shard of 16 tokens
+    (24, False, dict(sequence=4), False),         # spanning two shards: two hops
+    (40, True, dict(sequence=4), True),           # three hops, documents across the boundaries, scan + remat
+    (24, True, dict(data=2, sequence=2), False),  # data=2 x sequence=2
+    (24, True, dict(fsdp=2, sequence=2, tensor=2), True),  # with FSDP and tensor-parallel heads
+    (64, False, dict(sequence=4), False),         # the window as long as the row: the first shard reaches the last
 ])
-def test_split_rows_equal_the_whole_row(window, packed, data, sequence, scan):
+def test_split_rows_equal_the_whole_row(window, packed, mesh, scan):
   model = _model(window, scan=scan, remat='full' if scan else 'none')
   rows = _rows(64, packed)
   params = nn.unbox(model.init({'params': jax.random.key(0)}, rows[0])['params'])
   (loss, logits), grads = jax.jit(_loss(model))(params, *rows)
-  ((split_loss, split_logits), split_grads), _ = _split(model, params, rows, data, sequence)
+  ((split_loss, split_logits), split_grads), _ = _split(model, params, rows, mesh.get('data', 1),
+                                                        mesh['sequence'], mesh.get('fsdp', 1), mesh.get('tensor', 1))
   assert _relative(split_logits, logits) < 1e-5
   assert abs(float(split_loss - loss)) < 1e-5 * abs(float(loss))
   for name, (a, b) in zip(jax.tree_util.tree_leaves_with_path(split_grads), zip(jax.tree.leaves(split_grads),
