@@ -51,7 +51,9 @@ def distinct(runs) -> list:
 def enabled() -> bool:
   """Prewarming helps where compiling and training can share a host: one process on the CPU backend."""
   import jax
-  return jax.default_backend() == 'cpu' and jax.process_count() == 1 and bool(jax.config.jax_compilation_cache_dir)
+  cache = jax.config.jax_compilation_cache_dir
+  # A local cache only: the markers are local files (a gs:// workdir's cache is left to the runs themselves).
+  return jax.default_backend() == 'cpu' and jax.process_count() == 1 and bool(cache) and '://' not in str(cache)
 
 
 def start(runs, cache_dir: str) -> subprocess.Popen | None:
