@@ -2,6 +2,7 @@
 import os
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -46,6 +47,27 @@ def tiny_mistral_config(tmp_path):
   c.data.update(files=str(corpus / '*.txt'), data_dir=str(tmp_path / 'tfds'), seq_len=32, num_threads=1, prefetch=1)
   c.batch_size = c.eval_batch_size = 8
   return c
+
+
+@pytest.fixture
+def tiny_mistral_command(tiny_mistral_config):
+  """fn({'dotted.name': value}) -> fn(workdir) -> the `python -m train` command line of tiny_mistral_config (its
+  shrunk model and corpus as --config overrides; the corpus prepared here once, so that two runs started at once
+  do not race to build it): 40 steps, checkpoints every 10, then the given overrides."""
+  from data import pipeline, text
+  c = tiny_mistral_config
+  pipeline.get_source('local_text', 'train', c.data.data_dir, builder_config=text.files_config(c.data.files))
+  base = {**{f'model.{k}': c.model[k] for k in ('embed_dim', 'num_layers', 'num_heads', 'num_kv_heads', 'head_dim',
+                                                 'mlp_dim', 'sliding_window', 'block_size')},
+          **{f'data.{k}': c.data[k] for k in ('files', 'data_dir', 'seq_len', 'num_threads', 'prefetch')},
+          'batch_size': c.batch_size, 'eval_batch_size': c.eval_batch_size, 'total_steps': 40, 'log_every_steps': 5,
+          'eval_every_steps': 40, 'checkpoint_every_steps': 10, 'schedule.warmup_steps': 5}
+
+  def command(overrides):
+    fields = {**base, **overrides}
+    return lambda workdir: [sys.executable, '-m', 'train', '--config=configs/mistral_tiny.py', f'--workdir={workdir}',
+                            *(f'--config.{k}={v}' for k, v in fields.items())]
+  return command
 
 
 def _one_device_env():

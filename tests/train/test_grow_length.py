@@ -1,28 +1,15 @@
 """GrowLength through the loop: rows that lengthen by stages, one compilation per length, an exact resume inside
 a later stage, and FLOP and token counts that follow the length."""
-import sys
-
-from data import pipeline, text
 from train import metrics as metrics_lib
 
 STAGES = ((0, 16), (15, 32))  # 15 steps of 16 tokens, then rows of 32
 
 
-def test_stages_resume_bitwise_after_kill_9_and_count_every_token(tiny_mistral_config, tmp_path, kill_9_and_resume):
+def test_stages_resume_bitwise_after_kill_9_and_count_every_token(tiny_mistral_command, tmp_path, kill_9_and_resume):
   """Killed with kill -9 after checkpoint 20 (inside the second stage) and rerun, the run ends as the
   uninterrupted one; both count 15 x 8 x 16 + 25 x 8 x 32 tokens, on a mesh that splits each row in two."""
-  c = tiny_mistral_config
-  overrides = {
-      'model.embed_dim': 32, 'model.num_layers': 2, 'model.num_heads': 4, 'model.num_kv_heads': 2,
-      'model.head_dim': 8, 'model.mlp_dim': 64, 'model.sliding_window': 8, 'model.block_size': 8,
-      'data.files': c.data.files, 'data.data_dir': c.data.data_dir, 'data.seq_len': 32, 'data.num_threads': 1,
-      'data.prefetch': 1, 'data.grow_length': repr(STAGES).replace(' ', ''), 'batch_size': 8,
-      'eval_batch_size': 8, 'total_steps': 40, 'log_every_steps': 5, 'eval_every_steps': 40,
-      'checkpoint_every_steps': 10, 'schedule.warmup_steps': 5, 'mesh.data': 1, 'mesh.sequence': 2,
-  }
-  pipeline.get_source('local_text', 'train', c.data.data_dir, builder_config=text.files_config(c.data.files))
-  command = lambda workdir: [sys.executable, '-m', 'train', '--config=configs/mistral_tiny.py',
-                             f'--workdir={workdir}', *(f'--config.{k}={v}' for k, v in overrides.items())]
+  command = tiny_mistral_command({'data.grow_length': repr(STAGES).replace(' ', ''), 'mesh.data': 1,
+                                  'mesh.sequence': 2})
   straight, killed, out = kill_9_and_resume(command, tmp_path, kill_at=20, last_step=40, devices=2)
   assert out.count('train step compiled in') == 1  # rows of 16
   assert out.count('train step for the new input shape (32,) compiled in') == 1

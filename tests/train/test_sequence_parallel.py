@@ -1,10 +1,7 @@
 """The loop with a 'sequence' mesh axis: rows split over devices train as on one device, and resume bitwise."""
-import sys
-
 import jax
 import numpy as np
 
-from data import pipeline, text
 from train import loop
 from train import metrics as metrics_lib
 
@@ -34,20 +31,8 @@ def test_a_split_row_trains_as_on_one_device(tiny_mistral_config, tmp_path):
           np.testing.assert_allclose(a[key], b[key], rtol=1e-5, err_msg=f'{name} {key} at step {b["step"]}')
 
 
-def test_sequence_parallel_run_resumes_bitwise_after_kill_9(tiny_mistral_config, tmp_path, kill_9_and_resume):
-  c = tiny_mistral_config
-  overrides = {
-      'model.embed_dim': 32, 'model.num_layers': 2, 'model.num_heads': 4, 'model.num_kv_heads': 2,
-      'model.head_dim': 8, 'model.mlp_dim': 64, 'model.sliding_window': 8, 'model.block_size': 8,
-      'data.files': c.data.files, 'data.data_dir': c.data.data_dir, 'data.seq_len': 32, 'data.num_threads': 1,
-      'data.prefetch': 1, 'batch_size': 8, 'eval_batch_size': 8, 'total_steps': 40, 'log_every_steps': 5,
-      'eval_every_steps': 40, 'checkpoint_every_steps': 10, 'schedule.warmup_steps': 5, 'mesh.data': 2,
-      'mesh.sequence': 2,
-  }
-  # Prepared once here: the two runs started at once would race to build it.
-  pipeline.get_source('local_text', 'train', c.data.data_dir, builder_config=text.files_config(c.data.files))
-  command = lambda workdir: [sys.executable, '-m', 'train', '--config=configs/mistral_tiny.py',
-                             f'--workdir={workdir}', *(f'--config.{k}={v}' for k, v in overrides.items())]
+def test_sequence_parallel_run_resumes_bitwise_after_kill_9(tiny_mistral_command, tmp_path, kill_9_and_resume):
+  command = tiny_mistral_command({'mesh.data': 2, 'mesh.sequence': 2})
   straight, killed, out = kill_9_and_resume(command, tmp_path, kill_at=10, last_step=40, devices=4)
   assert 'mesh data=2 fsdp=1 sequence=2 tensor=1' in out
   strip = lambda w: [{k: v for k, v in r.items() if k.startswith(('train/', 'eval/', 'step'))}
