@@ -1,6 +1,7 @@
 """Chat data: the templates against Jinja renderings of their published definitions, the loss weights on the
 assistant's replies, the `chat` builder (JSONL files and the stdlib instruction set) with its bad lines, and the
 'chat' format's packed and padded rows."""
+import ast
 import json
 
 import jinja2
@@ -159,6 +160,18 @@ def test_stdlib_instruction_set_is_real_code_and_split_by_function():
   assert by_key['textwrap.indent'][-1]['content'].startswith('def indent(text, prefix, predicate=None):')
   shares = {s: sum(chat_data.split_of(k) == s for k in keys) / len(keys) for s in ('validation', 'test')}
   assert 0.03 < shares['validation'] < 0.07 and 0.03 < shares['test'] < 0.07
+
+
+def test_source_segments_equal_the_ast_modules_own():
+  """chat_data.source_segment splits the file once; ast.get_source_segment (the reference) on every call."""
+  source = ('def f(x):  # \u00e9t\u00e9\r\n  return x\r\n\x0c\nclass C:\r  def g(self): return "\u00fc"\n'
+            '  async def h(self):\n    pass')
+  tree = ast.parse(source)
+  lines = chat_data._LINE.findall(source)
+  nodes = [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Return))]
+  assert len(nodes) == 5
+  for node in nodes:
+    assert chat_data.source_segment(lines, node) == ast.get_source_segment(source, node)
 
 
 def _rows_config(tmp_path, corpus, **overrides):
