@@ -441,10 +441,10 @@ def forward_flops(model_kwargs: Mapping[str, Any], input_shape: tuple[int, ...])
   return 2.0 * macs
 
 
-def param_count(model_kwargs: Mapping[str, Any], image_hw: Pair = (224, 224)) -> int:
+def param_count(model_kwargs: Mapping[str, Any], image_hw: Pair = (224, 224), channels: int = 3) -> int:
   """Number of parameters, computed abstractly with jax.eval_shape (no memory)."""
   h, w = common.pair(image_hw)
-  return common.count_params(Model(**model_kwargs), (1, h, w, 3))
+  return common.count_params(Model(**model_kwargs), (1, h, w, channels))
 
 
 def stack_layers(params: Params) -> Params:

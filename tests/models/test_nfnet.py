@@ -10,7 +10,7 @@ import pytest
 import timm
 import torch
 
-from models import nfnet, nfnet_weights
+from models import common, nfnet, nfnet_weights
 
 # The CPU-sized net for 8x8 digits from the model docs.
 TINY = dict(num_classes=10, widths=(32, 64, 96, 96), depths=(1, 1, 1, 1))
@@ -75,7 +75,7 @@ def test_param_counts(kwargs, want, tol):
   analytic = nfnet.count(kwargs, 224)['params']
   assert abs(analytic - want) <= tol
   if kwargs in TRACED:
-    assert nfnet.param_count(kwargs, (16, 16)) == analytic
+    assert common.count_params(nfnet.Model(**kwargs), (1, 16, 16, 3)) == nfnet.param_count(kwargs) == analytic
 
 
 @pytest.mark.parametrize('kwargs', [
@@ -85,7 +85,8 @@ def test_param_counts(kwargs, want, tol):
     dict(widths=(48, 300, 640), depths=(2, 1, 3), group_width=64, plus_stage1_width='public'),
 ], ids=['tiny', 'no_head', 'odd_paper', 'odd_public'])
 def test_counter_params_match_eval_shape_custom(kwargs):
-  assert nfnet.count(kwargs, (9, 13))['params'] == nfnet.param_count(kwargs, (9, 13))
+  assert nfnet.count(kwargs, (9, 13))['params'] == common.count_params(nfnet.Model(**kwargs), (1, 9, 13, 3))
+  assert nfnet.param_count(kwargs, channels=1) == common.count_params(nfnet.Model(**kwargs), (1, 9, 13, 1))
 
 
 def test_plus_stage1_width_switch():

@@ -118,9 +118,12 @@ def _module(path: str):
 
 @functools.cache
 def _param_count_cached(model_name: str, model_json: str, input_shape: tuple[int, ...]) -> int:
-  from train import loop
-  model = loop.build_model(ml_collections.ConfigDict({'model_name': model_name, 'model': json.loads(model_json)}))
-  return common.count_params(model, (1, *input_shape))
+  from train import build, loop
+  config = ml_collections.ConfigDict({'model_name': model_name, 'model': json.loads(model_json)})
+  module = build.model_module(config)
+  if len(input_shape) == 3 and hasattr(module, 'param_count'):  # An image model's own count (NFNet's: analytic).
+    return module.param_count(json.loads(model_json), input_shape[:2], channels=input_shape[2])
+  return common.count_params(loop.build_model(config), (1, *input_shape))
 
 
 def _param_count(config, input_shape) -> int:
