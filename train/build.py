@@ -16,11 +16,11 @@ def model_kwargs(config) -> dict[str, Any]:
 
 
 def model_names() -> list[str]:
-  """The models under models/: every module but the shared blocks (common) and the weight converters
-  (NAME_weights), which define no Model."""
+  """The models under models/: every module named without an underscore but the shared blocks (common). A
+  model's helpers are MODEL_WHAT (mistral_weights, the converters; mistral_decode, generation) and define no
+  Model."""
   import models
-  return sorted(m.name for m in pkgutil.iter_modules(models.__path__)
-                if m.name != 'common' and not m.name.endswith('_weights'))
+  return sorted(m.name for m in pkgutil.iter_modules(models.__path__) if m.name != 'common' and '_' not in m.name)
 
 
 def model_module(config):
