@@ -31,6 +31,8 @@ import time
 
 from absl import app, flags
 
+from train import metrics
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METHODS = {'full': '', 'neftune': 'neftune=5', 'lora': 'lora=16', 'qlora': 'qlora=64'}
 
@@ -67,18 +69,13 @@ def _train(config: str, workdir: str, *extra: str) -> tuple[float, str]:
     return seconds, f.read()
 
 
-def _records(workdir: str) -> list[dict]:
-  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-    return [json.loads(line) for line in f if line.strip()]
-
-
 def _bytes_on_disk(path: str) -> int:
   return sum(os.path.getsize(os.path.join(d, n)) for d, _, names in os.walk(path) for n in names)
 
 
 def summarize(workdir: str, log: str) -> dict:
   """One run's figures, from its metrics, its start-up line and its last checkpoint."""
-  records = _records(workdir)
+  records = metrics.read_metrics(workdir)
   train = [r for r in records if 'train/loss' in r]
   evals = [r for r in records if 'eval/loss' in r]
   if not train or not evals:
